@@ -1,0 +1,16 @@
+"""hf_freeze: declarative, verified layer freezing for Hugging Face image classifiers."""
+
+from .apply import apply_policy, changed_frozen_tensors, get_state, remove_policy, unfreeze_groups, verify_frozen
+from .errors import FreezePolicyError, FrozenWeightsChanged, UnsupportedModelError
+from .fingerprint import Fingerprint
+from .groups import LayerGroup, LayerGroups, layer_groups
+from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
+from .report import FreezeReport, freeze_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FreezePlan", "FreezePolicy", "FreezePolicyError", "FreezeReport", "Fingerprint", "FrozenWeightsChanged",
+    "LayerGroup", "LayerGroups", "Unfreeze", "UnsupportedModelError", "apply_policy", "changed_frozen_tensors",
+    "freeze_report", "get_state", "layer_groups", "remove_policy", "resolve", "unfreeze_groups", "verify_frozen",
+]

@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import MOBILENET_V2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_path():
+    if not (MOBILENET_V2 / "model.safetensors").is_file():
+        pytest.skip(f"real MobileNetV2 not found at {MOBILENET_V2} (set HF_FREEZE_SHARED to the shared/ folder)")
+    return MOBILENET_V2
