@@ -19,6 +19,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     t = t.detach()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.is_meta:  # shape-only models (``hf-freeze inspect``) have no data to hash
+        return "meta:" + h.hexdigest()
     if t.numel():
         h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -248,7 +248,10 @@ class FreezePolicy:
             return cls.from_dict(value)
         if isinstance(value, str):
             return cls.from_string(value)
-        raise FreezePolicyError(f"expected a FreezePolicy, dict or policy string, got {type(value).__name__}")
+        if _is_int(value) or isinstance(value, (list, tuple)):
+            return cls(freeze=value)  # shorthand for the freeze field
+        raise FreezePolicyError(f"expected a FreezePolicy, dict, policy string, int or list of selectors, "
+                                f"got {type(value).__name__}")
 
 
 def _parse_freeze_string(text: str) -> str | int | list[str]:

@@ -4,7 +4,17 @@ import re
 
 import pytest
 import torch
-from helpers import ALL_TYPES, BUILDABLE, CLASSIFIERS, NOT_BUILDABLE, changed_names, loss_of, model_inputs, snapshot, tiny_model
+from helpers import (
+    ALL_TYPES,
+    BUILDABLE,
+    CLASSIFIERS,
+    NOT_BUILDABLE,
+    changed_names,
+    loss_of,
+    model_inputs,
+    snapshot,
+    tiny_model,
+)
 
 import hf_freeze
 from hf_freeze.groups import build_groups, classify_names, discover_layout, ordered_tensor_names, place_by_position
