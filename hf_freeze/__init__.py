@@ -14,3 +14,10 @@ __all__ = [
     "LayerGroup", "LayerGroups", "Unfreeze", "UnsupportedModelError", "apply_policy", "changed_frozen_tensors",
     "freeze_report", "get_state", "layer_groups", "remove_policy", "resolve", "unfreeze_groups", "verify_frozen",
 ]
+
+from .args import FreezeArguments, FreezeTrainingArguments  # noqa: E402
+from .callback import FreezeCallback  # noqa: E402
+from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained  # noqa: E402
+
+__all__ += ["FreezeArguments", "FreezeCallback", "FreezeTrainer", "FreezeTrainerMixin", "FreezeTrainingArguments",
+            "policy_from_pretrained"]

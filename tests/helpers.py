@@ -93,3 +93,37 @@ def same_state(a: dict, b: dict) -> bool:
 __all__ = ["tiny_model", "model_inputs", "loss_of", "snapshot", "identical", "changed_names", "model_state",
            "same_state", "SHARED", "MOBILENET_V2", "MOBILENET_V1", "FASHION_MNIST", "IMAGENET_SAMPLES",
            "ALL_TYPES", "BUILDABLE", "CLASSIFIERS", "NOT_BUILDABLE"]
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """A deterministic little image-classification dataset (pixel_values/labels dicts) for Trainer runs."""
+
+    def __init__(self, n: int = 32, size: int = 32, num_labels: int = 3, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, num_labels, (n,), generator=g)
+        # class-dependent mean so that training has signal
+        self.pixels = torch.randn(n, 3, size, size, generator=g) + self.labels.view(-1, 1, 1, 1).float()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+def training_args(tmp_path, **overrides):
+    from hf_freeze import FreezeTrainingArguments
+
+    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=0.05,
+                  num_train_epochs=2, report_to=[], logging_steps=1, save_strategy="no", seed=0, data_seed=0,
+                  use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, weight_decay=0.01)
+    kwargs.update(overrides)
+    return FreezeTrainingArguments(**kwargs)
+
+
+def group_tensors(model, group: str) -> dict[str, torch.Tensor]:
+    import hf_freeze
+
+    g = hf_freeze.layer_groups(model)[group]
+    tensors = dict(model.named_parameters())
+    return {n: tensors[n].detach().clone() for n in g.param_names}

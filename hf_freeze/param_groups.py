@@ -1,0 +1,46 @@
+"""Optimizer parameter groups that follow a freeze policy (in the spirit of timm's ``optim/_param_groups.py``).
+
+One group per (layer group, decay / no decay); each carries ``lr = base_lr x scale`` where the scale is
+the layer-decay factor times the ``lr_scale`` the group is (or will be) unfrozen with. Every tensor that
+will ever train is included from the start — frozen ones simply have no gradient yet — so unfreezing
+needs no ``add_param_group`` and a resumed run has the same optimizer layout.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _NormBase)
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names that get weight decay: not biases, not any normalisation layer (BatchNorm included, by type)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return set(get_parameter_names(model, list(NORM_TYPES), NO_DECAY_PATTERNS))
+
+
+def ever_trainable(state) -> set[str]:
+    """Parameters trainable now or unfrozen by a scheduled event."""
+    later = {n for e in state.plan.events[state.events_done:] for g in e.groups for n in state.groups[g].param_names}
+    all_names = {n for g in state.groups for n in g.param_names}
+    return (all_names - state.frozen) | later
+
+
+def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: float) -> list[dict]:
+    """Parameter groups for ``torch.optim`` built from the model's :class:`~hf_freeze.apply.FreezeState`."""
+    params = dict(model.named_parameters())
+    decay = decay_parameter_names(model)
+    keep = ever_trainable(state)
+    groups = []
+    for g in state.groups:
+        scale = state.group_lr_scale(g.name)
+        for with_decay in (True, False):
+            names = [n for n in g.param_names if n in keep and (n in decay) == with_decay]
+            if names:
+                groups.append({"params": [params[n] for n in names], "lr": base_lr * scale, "lr_scale": scale,
+                               "weight_decay": weight_decay if with_decay else 0.0,
+                               "name": f"{g.name}/{'decay' if with_decay else 'no_decay'}"})
+    return groups
