@@ -13,15 +13,17 @@ changes are undone by ``monkeypatch`` (and by the fixture for transformers) at t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hub_server import LocalHub
 
-__all__ = ["local_hub", "point_hf_at"]
+__all__ = ["local_hub", "local_hub_for", "point_hf_at"]
 
 
 def point_hf_at(hub: LocalHub, monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> None:
@@ -78,16 +80,16 @@ def point_hf_at(hub: LocalHub, monkeypatch: pytest.MonkeyPatch, hf_home: Path) -
     close_session()
 
 
-@pytest.fixture
-def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
-    """A running ``LocalHub`` (token ``hub.token``, user ``hub.user``) that huggingface_hub and transformers use.
+@contextlib.contextmanager
+def local_hub_for(monkeypatch: pytest.MonkeyPatch, hf_home: Path, **hub_kwargs: Any) -> Iterator[LocalHub]:
+    """Run a ``LocalHub(**hub_kwargs)`` and point huggingface_hub and transformers at it until exit.
 
-    HF_HOME (and so every download cache) is a fresh directory under ``tmp_path``, so downloads really go over
-    HTTP. Transformers' shared ``HfApi`` (``transformers.utils.hub._hf_api``) is reset so that it is rebuilt
-    against the local endpoint, and restored afterwards.
+    The env/constant patches of ``point_hf_at`` are undone by ``monkeypatch``. Transformers' shared ``HfApi``
+    (``transformers.utils.hub._hf_api``) is reset so that it is rebuilt against the local endpoint, and put back
+    on exit -- also when transformers is first imported inside the block.
     """
-    with LocalHub() as hub:
-        point_hf_at(hub, monkeypatch, tmp_path / "hf_home")
+    with LocalHub(**hub_kwargs) as hub:
+        point_hf_at(hub, monkeypatch, hf_home)
         tf_hub = sys.modules.get("transformers.utils.hub")
         saved = getattr(tf_hub, "_hf_api", None)
         if tf_hub is not None:
@@ -95,6 +97,16 @@ def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Local
         try:
             yield hub
         finally:
-            tf_hub = sys.modules.get("transformers.utils.hub")  # may have been imported during the test
+            tf_hub = sys.modules.get("transformers.utils.hub")
             if tf_hub is not None:
                 tf_hub._hf_api = saved
+
+
+@pytest.fixture
+def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+    """A running ``LocalHub`` (token ``hub.token``, user ``hub.user``) that huggingface_hub and transformers use.
+
+    HF_HOME, and so every download cache, is a fresh directory under ``tmp_path``: downloads really go over HTTP.
+    """
+    with local_hub_for(monkeypatch, tmp_path / "hf_home") as hub:
+        yield hub

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from conftest_hub import local_hub  # noqa: F401  (fixture; tests/conftest.py may load the plugin instead)
+from conftest_hub import local_hub, local_hub_for  # noqa: F401  (fixture; tests/conftest.py may load the plugin)
 from hub_server import LocalHub, git_blob_oid
 from huggingface_hub import (
     CommitOperationAdd,
     HfApi,
     ModelCard,
     ModelCardData,
+    constants,
     hf_hub_download,
     snapshot_download,
     upload_file,
@@ -342,3 +343,17 @@ def test_resolve_headers_and_range_requests(hub: LocalHub) -> None:
 
     entries = api_for(hub).list_repo_tree(REPO, path_in_repo="weights")
     assert [(e.path, e.size) for e in entries] == [("weights/w.bin", len(content))]
+
+
+def test_local_hub_for_rebuilds_and_restores_transformers_shared_api(tmp_path: Path) -> None:
+    tf_hub = pytest.importorskip("transformers.utils.hub")
+    stale = HfApi(endpoint="http://127.0.0.1:9")  # e.g. built by an earlier test against another endpoint
+    endpoint_before = constants.ENDPOINT
+    with pytest.MonkeyPatch.context() as outer:
+        outer.setattr(tf_hub, "_hf_api", stale)
+        with pytest.MonkeyPatch.context() as mp, local_hub_for(mp, tmp_path) as hub:
+            assert tf_hub.hf_api().endpoint == hub.endpoint
+            assert constants.ENDPOINT == hub.endpoint and os.environ["HF_ENDPOINT"] == hub.endpoint
+            assert constants.HF_HUB_CACHE == str(tmp_path / "hub")
+        assert tf_hub._hf_api is stale
+        assert constants.ENDPOINT == endpoint_before
