@@ -41,8 +41,9 @@ Failure injection
 ``hub.fail_next("commit", status=500)`` makes the next commit call answer 500 (``drop=True``: close the connection
 without answering; ``after_apply=True``: perform the operation first, then fail, i.e. a lost response). Route kinds
 are listed in ``ROUTE_KINDS``. Beware that the client retries some calls by itself (``http_backoff``: 408/429/5xx
-and connection errors, 5 retries, 1 s, 2 s, 4 s... waits) -- preupload, tree listing and file downloads -- while the
-commit call and ``create_repo`` are not retried. ``hub.requests`` records every request, ``hub.unhandled`` every
+and connection errors, 5 retries, 1 s, 2 s, 4 s... waits): preupload, tree listing, the HEAD of a download when
+nothing is cached, and -- with ``hf_xet`` installed -- the commit call of ``upload_folder``. ``create_repo`` and the
+commit call of ``create_commit``/``upload_file``/transformers' ``push_to_hub`` are not retried. ``hub.requests`` records every request, ``hub.unhandled`` every
 request no route matched, ``hub.errors`` every exception raised inside the server (a bug in this module).
 """
 
