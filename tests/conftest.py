@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import MOBILENET_V2  # noqa: E402
 
+pytest_plugins = ["conftest_hub"]
+
 
 @pytest.fixture(scope="session")
 def mobilenet_v2_path():
