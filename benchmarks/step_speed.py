@@ -1,0 +1,130 @@
+"""Step-time benchmark on the real MobileNetV2 (shared fixture), 128 px, batch 32, side by side in one run.
+
+Measures (median seconds per step, after warm-up):
+  inference   eval-mode forward under torch.no_grad (the floor for a frozen backbone)
+  hf_freeze   FreezeTrainer, head-only (policy "backbone")
+  callback    plain Trainer + FreezeCallback("backbone")
+  manual      plain Trainer, hf_freeze.apply_policy() done by hand, no callback (isolates callback overhead)
+  classic     plain Trainer, requires_grad=False on the backbone (the tutorial recipe; BN stats drift)
+
+Usage: python benchmarks/step_speed.py [--steps 40] [--shared ../shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
+
+import hf_freeze
+from hf_freeze.testing import shared_dir
+
+
+class StepClock(TrainerCallback):
+    """Wall time between consecutive optimizer-step ends (data, forward, backward, step, all callbacks)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+class Batches(torch.utils.data.Dataset):
+    def __init__(self, n, size, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def load(path):
+    return AutoModelForImageClassification.from_pretrained(path, num_labels=10, ignore_mismatched_sizes=True)
+
+
+def trainer_steps(kind: str, path, steps: int, batch: int, size: int, warmup: int) -> list[float]:
+    model = load(path)
+    clock = StepClock()
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    data = Batches(batch * steps, size)
+    if kind == "hf_freeze":
+        trainer = hf_freeze.FreezeTrainer(model=model, args=args, train_dataset=data, freeze_policy="backbone",
+                                          callbacks=[clock])
+    elif kind == "callback":
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[hf_freeze.FreezeCallback("backbone"), clock])
+    elif kind == "manual":
+        hf_freeze.apply_policy(model, "backbone")
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
+    elif kind == "classic":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier."))
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
+    else:
+        raise ValueError(kind)
+    trainer.train()
+    diffs = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    return diffs[warmup:]
+
+
+def inference_steps(path, steps: int, batch: int, size: int, warmup: int) -> list[float]:
+    model = load(path).eval()
+    x = Batches(batch, size).x
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            t = time.perf_counter()
+            model(pixel_values=x)
+            times.append(time.perf_counter() - t)
+    return times[warmup:]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    ap.add_argument("--shared", default=None)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    a = ap.parse_args(argv)
+    path = shared_dir(a.shared) / "models" / "mobilenet_v2_1.0_224-imagenet"
+    if not path.is_dir():
+        print(f"skipped: real MobileNetV2 not found at {path}")
+        return 0
+    torch.manual_seed(0)
+    kinds = ["inference", "hf_freeze", "callback", "manual", "classic"]
+    samples = {k: [] for k in kinds}
+    for _ in range(a.rounds):  # interleave so machine noise hits every configuration alike
+        for k in kinds:
+            fn = inference_steps if k == "inference" else (lambda *x, k=k: trainer_steps(k, *x))
+            samples[k] += fn(path, a.steps, a.batch, a.size, a.warmup)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"MobileNetV2, {a.size} px, batch {a.batch}, {torch.get_num_threads()} threads, "
+          f"{a.rounds} x {a.steps - a.warmup - 1} timed steps each (median s/step)")
+    for k in kinds:
+        print(f"  {k:<10} {med[k]:.4f} s   x{med[k] / med['inference']:.3f} of inference forward")
+    overhead = (med["callback"] - med["manual"]) / med["manual"]
+    print(f"head-only step / inference forward: {med['hf_freeze'] / med['inference']:.3f}  (target <= 1.05)")
+    print(f"hf_freeze step / classic requires_grad=False step: {med['hf_freeze'] / med['classic']:.3f}")
+    print(f"callback overhead per step: {100 * overhead:+.2f}%  (target < 1%)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"median_s": med, "callback_overhead": overhead}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
