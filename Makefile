@@ -23,7 +23,7 @@ test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check hf_freeze tests examples benchmarks
+	$(BIN)/ruff check $(wildcard hf_freeze tests examples benchmarks)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -31,6 +31,12 @@ class FreezeArguments:
         "help": "Layer-wise LR decay in (0, 1]: each group nearer the input gets this factor once more (head at the base LR)."})
     verify_frozen: bool = field(default=True, metadata={
         "help": "Check on every save and at the end that frozen tensors are bit-identical (FrozenWeightsChanged if not)."})
+    feature_cache: str = field(default="auto", metadata={
+        "help": "Linear-probe feature cache while everything below the head is frozen: 'auto' (use it where it "
+                "provably gives the same training, in memory), 'memory' or 'disk' (force it; refuse with the reason "
+                "where unsafe), 'off'."})
+    feature_cache_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the on-disk feature cache (default: $HF_FREEZE_CACHE/features or ~/.cache/hf_freeze/features)."})
     freeze_policy_file: str | None = field(default=None, metadata={
         "help": "Read the whole policy from a freeze_policy.json (file or folder) instead of the flags above."})
 
