@@ -21,3 +21,6 @@ from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained  
 
 __all__ += ["FreezeArguments", "FreezeCallback", "FreezeTrainer", "FreezeTrainerMixin", "FreezeTrainingArguments",
             "policy_from_pretrained"]
+from .search import FreezeSearchSpace, SearchResult, search_freeze_policies  # noqa: E402
+
+__all__ += ["FreezeSearchSpace", "SearchResult", "search_freeze_policies"]

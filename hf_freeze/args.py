@@ -44,7 +44,7 @@ class FreezeArguments:
         """The FreezePolicy these arguments describe, or None when no freeze flag was given."""
         if self.freeze_policy_file:
             return FreezePolicy.from_pretrained(self.freeze_policy_file)
-        given = (self.freeze is not None or self.unfreeze or self.train_bn or self.layer_lr_decay is not None
+        given = (self.freeze is not None or bool(self.unfreeze) or self.train_bn or self.layer_lr_decay is not None
                  or not self.verify_frozen)
         if not given:
             return None

@@ -1,6 +1,7 @@
 """``hf-freeze``: command-line entry point.
 
     hf-freeze inspect MODEL [--freeze VALUE | --policy STRING] [--json]
+    hf-freeze search (--model MODEL --train_dir DIR --validation_dir DIR | --demo) [--n_trials 8] [--epochs 3]
 
 MODEL is a Hub id, a local folder, or ``tiny:<model_type>`` (a tiny random config of any type in
 transformers' image-classification mapping). Only the config is read; the model is built on the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import FreezePolicyError, UnsupportedModelError
 
@@ -43,6 +45,74 @@ def _inspect(args) -> int:
     return 0
 
 
+def _image_datasets(args, processor):
+    """(train, validation) from imagefolder directories or the embedded digits task; no augmentation."""
+    import datasets
+
+    if args.demo:
+        from .demo.data import transfer_task
+
+        task = transfer_task(shots_per_class=args.shots, seed=args.seed, validation_per_class=args.validation_per_class)
+        train, val = task["train"], task["validation"]
+    else:
+        train = datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train")
+        val = datasets.load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
+
+    def to_inputs(batch):
+        images = [im.convert("RGB") for im in batch["image"]]
+        return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
+
+    return train.with_transform(to_inputs), val.with_transform(to_inputs), train.features["label"].names
+
+
+def _search(args) -> int:
+    import numpy as np
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .args import FreezeTrainingArguments
+    from .search import FreezeSearchSpace, search_freeze_policies
+    from .trainer import FreezeTrainer
+
+    if not args.demo and not (args.model and args.train_dir and args.validation_dir):
+        print("hf-freeze: error: give --model, --train_dir and --validation_dir, or --demo", file=sys.stderr)
+        return 2
+    model_path = args.model
+    if args.demo and not model_path:
+        from .demo.pretrain import pretrained_base
+
+        model_path = str(pretrained_base(seed=args.seed))
+    processor = AutoImageProcessor.from_pretrained(model_path)
+    train, val, names = _image_datasets(args, processor)
+
+    def model_init():
+        return AutoModelForImageClassification.from_pretrained(
+            model_path, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
+
+    def accuracy(pred):
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    training_args = FreezeTrainingArguments(
+        output_dir=str(Path(args.output_dir) / "trials"), num_train_epochs=args.epochs, learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.batch_size, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch",
+        report_to=[], remove_unused_columns=False, seed=args.seed, disable_tqdm=True)
+    trainer = FreezeTrainer(model_init=model_init, args=training_args, train_dataset=train, eval_dataset=val,
+                            compute_metrics=accuracy)
+    space = FreezeSearchSpace(freeze=args.freeze_choices.split(","), schedule=args.schedules.split(","),
+                              lr_scale=[float(x) for x in args.lr_scales.split(",")],
+                              train_bn=[x.lower() == "true" for x in args.train_bn_choices.split(",")])
+    try:
+        result = search_freeze_policies(trainer, n_trials=args.n_trials, space=space, seed=args.seed)
+    except (FreezePolicyError, ValueError) as e:
+        print(f"hf-freeze: error: {e}", file=sys.stderr)
+        return 2
+    out = result.save(args.output_dir)
+    print(result.to_markdown())
+    print(f"best policy: {result.best_policy.to_string()}  -> {out / 'freeze_policy.json'} "
+          f"(train with --freeze_policy_file {out / 'freeze_policy.json'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-freeze", description="Verified layer freezing for HF image classifiers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,8 +123,25 @@ def main(argv: list[str] | None = None) -> int:
                        help="freeze value to preview: backbone | none | N | selectors (default: backbone)")
     group.add_argument("--policy", help="a whole policy string, e.g. 'freeze=stem:stage.2;unfreeze=epoch2:1@0.1'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("search", help="search freeze depth / schedule / LR scale / train_bn with hyperparameter_search")
+    s.add_argument("--model", help="pretrained model (Hub id or folder); with --demo: the embedded digits base")
+    s.add_argument("--train_dir", help="imagefolder with the training images")
+    s.add_argument("--validation_dir", help="imagefolder with the validation images")
+    s.add_argument("--demo", action="store_true", help="use the embedded digits transfer task (offline)")
+    s.add_argument("--shots", type=int, default=10, help="with --demo: training images per class")
+    s.add_argument("--validation_per_class", type=int, default=None, help="with --demo: validation images per class")
+    s.add_argument("--n_trials", type=int, default=8)
+    s.add_argument("--epochs", type=float, default=3)
+    s.add_argument("--learning_rate", type=float, default=3e-3)
+    s.add_argument("--batch_size", type=int, default=16)
+    s.add_argument("--freeze_choices", default="backbone,half", help="comma-separated: backbone, half, or group counts")
+    s.add_argument("--schedules", default="none,late,gradual")
+    s.add_argument("--lr_scales", default="1.0,0.1")
+    s.add_argument("--train_bn_choices", default="false")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output_dir", default="outputs/search")
     args = parser.parse_args(argv)
-    return {"inspect": _inspect}[args.command](args)
+    return {"inspect": _inspect, "search": _search}[args.command](args)
 
 
 if __name__ == "__main__":

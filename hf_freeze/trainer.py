@@ -122,6 +122,9 @@ class FreezeTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
+        from_args = getattr(self.args, "freeze_policy", None)
+        if trial is not None and callable(from_args) and from_args() is not None:
+            self.freeze_callback.policy = from_args()  # a search trial set the freeze fields on the args
         self.freeze_callback.setup(model, self.args)
         return model
 
