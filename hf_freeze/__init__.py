@@ -21,3 +21,11 @@ from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained  
 
 __all__ += ["FreezeArguments", "FreezeCallback", "FreezeTrainer", "FreezeTrainerMixin", "FreezeTrainingArguments",
             "policy_from_pretrained"]
+
+from .args import DeltaArguments  # noqa: E402
+from .delta import BaseModelChanged, DeltaManifest, apply_delta, from_pretrained, save_delta  # noqa: E402
+from .hub import PushFailed, push_folder  # noqa: E402
+from .model_card import CardConfig, render_model_card, write_model_card  # noqa: E402
+
+__all__ += ["BaseModelChanged", "CardConfig", "DeltaArguments", "DeltaManifest", "PushFailed", "apply_delta",
+            "from_pretrained", "push_folder", "render_model_card", "save_delta", "write_model_card"]
