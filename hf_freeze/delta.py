@@ -189,13 +189,17 @@ def is_adapter(folder: str | os.PathLike) -> bool:
 
 # --------------------------------------------------------------------------- loading
 def apply_delta(model: nn.Module, folder: str | os.PathLike, manifest: DeltaManifest | None = None,
-                *, base: str | None = None) -> nn.Module:
-    """Check ``model``'s frozen tensors against the delta's fingerprint, then load the delta tensors into it."""
+                *, loaded_from: tuple[str, str | None] | None = None) -> nn.Module:
+    """Check ``model``'s frozen tensors against the delta's fingerprint, then load the delta tensors into it.
+
+    ``loaded_from``: (base, revision) ``model`` was read from, for the error message (default: the manifest's).
+    """
     model = unwrap_model(model)
     manifest = manifest or DeltaManifest.load(folder)
     changed = Fingerprint(manifest.frozen_digests).changed(model)
     if changed:
-        raise BaseModelChanged(base or manifest.base_model, manifest.base_revision, changed, len(manifest.frozen_digests))
+        base, revision = loaded_from or (manifest.base_model, manifest.base_revision)
+        raise BaseModelChanged(base, revision, changed, len(manifest.frozen_digests))
     tensors = load_file(Path(folder) / DELTA_WEIGHTS)
     if sorted(tensors) != manifest.trained_tensors:
         raise ValueError(f"{folder}: {DELTA_WEIGHTS} does not hold the tensors its manifest lists")
@@ -252,7 +256,7 @@ def _load_delta(folder: Path, token, base_model, base_revision, **kwargs) -> nn.
     kwargs.setdefault("dtype", dtype)
     model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
-    return apply_delta(model, folder, manifest, base=base)
+    return apply_delta(model, folder, manifest, loaded_from=(base, revision))
 
 
 def _load_adapter(folder: Path, token, **kwargs) -> nn.Module:

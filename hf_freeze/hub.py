@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .delta import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS, FULL_WEIGHTS
@@ -24,19 +25,23 @@ class PushFailed(RuntimeError):
         self.repo_id, self.folder, self.cause = repo_id, str(folder), cause
         super().__init__(
             f"pushing {self.folder} to the Hub repo {repo_id!r} failed: {type(cause).__name__}: {cause}\n"
-            f"Nothing was committed by the failed call and the local folder is complete and unchanged; "
-            f"retry the push (trainer.push_to_hub() or hf_freeze.push_folder(...)) once the Hub is reachable.")
+            f"The local folder is complete and unchanged. An upload is a single commit, so the repo holds either its "
+            f"previous state or this whole folder: retry the push (trainer.push_to_hub() or hf_freeze.push_folder(...)) "
+            f"once the Hub is reachable.")
 
 
 @contextlib.contextmanager
-def explain_push_failure(repo_id: str, folder: str | os.PathLike):
-    """Re-raise any error of the upload inside as :class:`PushFailed` (the original is its ``__cause__``)."""
+def explain_push_failure(repo_id: str | Callable[[], str], folder: str | os.PathLike):
+    """Re-raise any error of the upload inside as :class:`PushFailed` (the original is its ``__cause__``).
+
+    ``repo_id`` may be a callable, asked only on failure (the full id is known once the repo was created).
+    """
     try:
         yield
     except PushFailed:
         raise
     except Exception as e:  # HfHubHTTPError (an OSError), httpx2 connection errors (plain Exceptions), ...
-        raise PushFailed(repo_id, folder, e) from e
+        raise PushFailed(repo_id() if callable(repo_id) else repo_id, folder, e) from e
 
 
 def checkpoint_kind(folder: str | os.PathLike) -> str:
@@ -65,8 +70,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str 
 
     kind = checkpoint_kind(folder)
     api = HfApi(token=token)  # created per call: it copies the endpoint configured at this moment
-    with explain_push_failure(repo_id, folder):
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), revision=revision,
+    created = {}
+    with explain_push_failure(lambda: created.get("id", repo_id), folder):
+        created["id"] = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(repo_id=created["id"], folder_path=str(folder), revision=revision,
                                  commit_message=f"{commit_message} ({kind} checkpoint)", create_pr=create_pr,
                                  ignore_patterns=IGNORE_PATTERNS)

@@ -137,7 +137,9 @@ class FreezeTrainerMixin:
 
         A failed upload raises :class:`hf_freeze.PushFailed`; the output folder stays complete, call again to retry.
         """
-        repo = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
+        def repo() -> str:  # known once init_hf_repo ran (inside the push)
+            return getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
+
         with explain_push_failure(repo, self.args.output_dir):
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
                                        revision=revision, private=private, **kwargs)
