@@ -11,6 +11,8 @@ import hf_freeze
 from hf_freeze import BaseModelChanged, FreezeTrainer, FrozenWeightsChanged
 from hf_freeze.delta import DELTA_MANIFEST, DELTA_WEIGHTS, DeltaManifest
 
+POLICY = "freeze=backbone;unfreeze=step3:1@0.5"
+
 
 def saved_base(tmp_path, seed=0):
     """A tiny ResNet saved as a local 'pretrained' folder, and the model loaded back from it."""
@@ -25,7 +27,7 @@ def logits(model, seed=0):
         return model(pixel_values=torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))).logits
 
 
-def train(model, tmp_path, policy="freeze=backbone;unfreeze=step3:1@0.5", **kw):
+def train(model, tmp_path, policy=POLICY, **kw):
     trainer = FreezeTrainer(model=model, args=training_args(tmp_path, num_train_epochs=1, **kw),
                             train_dataset=TinyImages(), freeze_policy=policy)
     trainer.train()
@@ -109,7 +111,7 @@ def test_manifest_round_trip_and_corruption_is_detected(tmp_path):
 def test_resume_from_delta_checkpoints_equals_the_uninterrupted_run(tmp_path):
     from test_trainer import StopAt
 
-    policy = "freeze=backbone;unfreeze=step3:1@0.5"
+    policy = POLICY
     kwargs = dict(num_train_epochs=2, save_strategy="steps", save_steps=5, save_delta=True)
     base_dir, full = saved_base(tmp_path)
     FreezeTrainer(model=full, args=training_args(tmp_path / "a", **kwargs), train_dataset=TinyImages(),
@@ -151,3 +153,25 @@ def test_head_only_mobilenet_v2_delta_is_under_one_percent(mobilenet_v2_path, tm
     model.eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
+def test_load_best_model_at_end_reads_a_delta_checkpoint(tmp_path):
+    scores = iter([0.9, 0.1, 0.5])  # epoch 1 is the best by construction
+
+    def fake_metric(pred):
+        return {"fake": next(scores)}
+
+    base_dir, model = saved_base(tmp_path)
+    args = training_args(tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", save_delta=True,
+                         load_best_model_at_end=True, metric_for_best_model="fake", greater_is_better=True)
+    trainer = FreezeTrainer(model=model, args=args, train_dataset=TinyImages(), eval_dataset=TinyImages(n=8, seed=1),
+                            compute_metrics=fake_metric, freeze_policy=POLICY)
+    trainer.train()
+    best = tmp_path / "out" / "checkpoint-4"
+    assert trainer.state.best_model_checkpoint == str(best) and (best / DELTA_WEIGHTS).is_file()
+    expected = hf_freeze.from_pretrained(best)
+    a, b = snapshot(expected), snapshot(model)
+    assert [n for n in a if not identical(a[n], b[n])] == []
+    last = hf_freeze.from_pretrained(tmp_path / "out" / "checkpoint-12")
+    assert not torch.equal(logits(last), logits(model))  # the final weights were really replaced
+
