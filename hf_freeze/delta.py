@@ -93,11 +93,15 @@ class DeltaManifest:
 
 
 # --------------------------------------------------------------------------- what goes into a delta
-def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state-dict tensors that are not still-frozen fingerprinted tensors (contiguous CPU copies)."""
+def delta_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state-dict tensors that are not still-frozen fingerprinted tensors (contiguous CPU copies).
+
+    ``state_dict``: one already gathered (the Trainer passes it for sharded models); default ``model.state_dict()``.
+    """
     model = unwrap_model(model)
     frozen = require_state(model).fingerprint.digests
-    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n not in frozen}
+    source = model.state_dict() if state_dict is None else state_dict
+    return {n: t.detach().cpu().contiguous() for n, t in source.items() if n not in frozen}
 
 
 def base_reference(model: nn.Module, base_model: str | None = None, base_revision: str | None = None) -> tuple[str, str | None]:
@@ -131,7 +135,8 @@ def _cached_commit(repo_id: str) -> str | None:
 
 # --------------------------------------------------------------------------- saving
 def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: str | None = None,
-               base_revision: str | None = None, save_config: bool = True) -> DeltaManifest:
+               base_revision: str | None = None, save_config: bool = True,
+               state_dict: dict[str, torch.Tensor] | None = None) -> DeltaManifest:
     """Write the delta of ``model`` (which must carry a freeze policy) to ``output_dir``.
 
     Checks first that every frozen tensor is still bit-identical to its fingerprint (``FrozenWeightsChanged``
@@ -145,7 +150,7 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
     state = require_state(model)
     verify_frozen(model, "before saving a delta checkpoint")
     base, revision = base_reference(model, base_model, base_revision)
-    tensors = delta_state_dict(model)
+    tensors = delta_state_dict(model, state_dict)
     frozen = state.fingerprint.digests
     dtypes = {str(t.dtype).removeprefix("torch.") for n, t in named_tensors(model).items() if n in frozen and t.is_floating_point()}
     manifest = DeltaManifest(base, revision, dict(frozen), sorted(tensors), dtype=",".join(sorted(dtypes)) or "float32")
@@ -240,7 +245,7 @@ def _local_folder(repo_or_dir, revision, token) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(repo_or_dir), revision=revision, token=token,
-                                  ignore_patterns=["checkpoint-*", "last-checkpoint/*", "*.png", "*.bin"]))
+                                  ignore_patterns=["checkpoint-*", "last-checkpoint/*", "*.png", "training_args.bin"]))
 
 
 def _load_delta(folder: Path, token, base_model, base_revision, **kwargs) -> nn.Module:

@@ -78,7 +78,7 @@ class FreezeTrainerMixin:
         if self.saves_delta:
             if self.args.should_save:
                 save_delta(model, output_dir, base_model=getattr(self.args, "delta_base_model", None),
-                           base_revision=getattr(self.args, "delta_base_revision", None))
+                           base_revision=getattr(self.args, "delta_base_revision", None), state_dict=state_dict)
                 self._save_extras(output_dir)
             return
         super()._save(output_dir, state_dict)
@@ -146,7 +146,9 @@ class FreezeTrainerMixin:
 
     def _push_from_checkpoint(self, checkpoint_folder):
         """Pushes during training (``args.push_to_hub``): also carry the policy, the delta and the card."""
-        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+        busy = (not self.args.hub_always_push and getattr(self, "push_in_progress", None) is not None
+                and not self.push_in_progress.is_done())  # the Trainer skips this push: don't touch files in flight
+        if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
             out = Path(self.args.output_dir)
             for name in ("freeze_policy.json", DELTA_MANIFEST, DELTA_WEIGHTS):
                 if (Path(checkpoint_folder) / name).is_file():

@@ -164,14 +164,23 @@ def test_load_best_model_at_end_reads_a_delta_checkpoint(tmp_path):
     base_dir, model = saved_base(tmp_path)
     args = training_args(tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", save_delta=True,
                          load_best_model_at_end=True, metric_for_best_model="fake", greater_is_better=True)
-    trainer = FreezeTrainer(model=model, args=args, train_dataset=TinyImages(), eval_dataset=TinyImages(n=8, seed=1),
-                            compute_metrics=fake_metric, freeze_policy=POLICY)
-    trainer.train()
-    best = tmp_path / "out" / "checkpoint-4"
+    trainer = FreezeTrainer(model=model, args=args, train_dataset=TinyImages(n=16), eval_dataset=TinyImages(n=8, seed=1),
+                            compute_metrics=fake_metric, freeze_policy="freeze=backbone;unfreeze=step1:1")
+    trainer.train()  # 2 steps per epoch
+    best = tmp_path / "out" / "checkpoint-2"
     assert trainer.state.best_model_checkpoint == str(best) and (best / DELTA_WEIGHTS).is_file()
     expected = hf_freeze.from_pretrained(best)
     a, b = snapshot(expected), snapshot(model)
     assert [n for n in a if not identical(a[n], b[n])] == []
-    last = hf_freeze.from_pretrained(tmp_path / "out" / "checkpoint-12")
+    last = hf_freeze.from_pretrained(tmp_path / "out" / "checkpoint-6")
     assert not torch.equal(logits(last), logits(model))  # the final weights were really replaced
 
+
+
+def test_delta_flags_parse_with_hf_argument_parser(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(hf_freeze.FreezeTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--save_delta", "--delta_base_model", "org/base", "--delta_base_revision", "abc"])
+    assert (args.save_delta, args.delta_base_model, args.delta_base_revision) == (True, "org/base", "abc")
+    assert args.freeze_policy() is None  # saving flags are not freeze flags
