@@ -24,3 +24,11 @@ __all__ += ["FreezeArguments", "FreezeCallback", "FreezeTrainer", "FreezeTrainer
 from .search import FreezeSearchSpace, SearchResult, search_freeze_policies  # noqa: E402
 
 __all__ += ["FreezeSearchSpace", "SearchResult", "search_freeze_policies"]
+
+from .args import DeltaArguments  # noqa: E402
+from .delta import BaseModelChanged, DeltaManifest, apply_delta, from_pretrained, save_delta  # noqa: E402
+from .hub import PushFailed, push_folder  # noqa: E402
+from .model_card import CardConfig, render_model_card, write_model_card  # noqa: E402
+
+__all__ += ["BaseModelChanged", "CardConfig", "DeltaArguments", "DeltaManifest", "PushFailed", "apply_delta",
+            "from_pretrained", "push_folder", "render_model_card", "save_delta", "write_model_card"]

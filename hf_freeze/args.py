@@ -54,7 +54,20 @@ class FreezeArguments:
 
 
 @dataclass
-class FreezeTrainingArguments(TrainingArguments, FreezeArguments):
+class DeltaArguments:
+    """Save (and push) only the trained tensors plus a reference to the base model (see ``hf_freeze.delta``)."""
+
+    save_delta: bool = field(default=False, metadata={
+        "help": "Save checkpoints and the final model as a delta: only the tensors that were trained, the base model's "
+                "id/revision and the fingerprint of the frozen tensors (reload with hf_freeze.from_pretrained)."})
+    delta_base_model: str | None = field(default=None, metadata={
+        "help": "Hub id (or folder) of the base model a delta refers to. Default: where the model was loaded from."})
+    delta_base_revision: str | None = field(default=None, metadata={
+        "help": "Revision (commit) of the base model. Default: the cached commit the model was loaded from, if known."})
+
+
+@dataclass
+class FreezeTrainingArguments(TrainingArguments, FreezeArguments, DeltaArguments):
     """``TrainingArguments`` plus the freeze flags; ``average_tokens_across_devices`` defaults to False
     because image classifiers return a mean loss (the Trainer would otherwise scale it by the world size)."""
 

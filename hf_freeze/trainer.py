@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
+import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
 from .apply import get_state
 from .callback import CONFIG_KEY, FreezeCallback
+from .delta import DELTA_MANIFEST, DELTA_WEIGHTS, FULL_WEIGHTS, apply_delta, is_delta, remove_weights, save_delta
 from .errors import FreezePolicyError
 from .groups import unwrap_model
+from .hub import explain_push_failure
+from .model_card import CardConfig, write_model_card
 from .param_groups import freeze_param_groups
 from .policy import FreezePolicy
 
@@ -128,18 +135,107 @@ class FreezeTrainerMixin:
         self.freeze_callback.setup(model, self.args)
         return model
 
+    # ------------------------------------------------------------------ saving: full or delta
+    @property
+    def saves_delta(self) -> bool:
+        return bool(getattr(self.args, "save_delta", False))
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
-        config = getattr(unwrap_model(self.model), "config", None)
+        model = unwrap_model(self.model)
+        config = getattr(model, "config", None)
         if config is not None:
             setattr(config, CONFIG_KEY, self.freeze_policy.to_dict())
+        if self.saves_delta:
+            if self.args.should_save:
+                save_delta(model, output_dir, base_model=getattr(self.args, "delta_base_model", None),
+                           base_revision=getattr(self.args, "delta_base_revision", None), state_dict=state_dict)
+                self._save_extras(output_dir)
+            return
         super()._save(output_dir, state_dict)
         if self.args.should_save:
+            remove_weights(Path(output_dir), (DELTA_MANIFEST, DELTA_WEIGHTS))  # a stale delta must not shadow these
             self.freeze_policy.save_pretrained(output_dir)
+
+    def _save_extras(self, output_dir: str) -> None:
+        """What ``Trainer._save`` writes beside the weights: the processing class and the training arguments."""
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if is_delta(resume_from_checkpoint) and not _has_full_weights(resume_from_checkpoint):
+            apply_delta(self.model if model is None else model, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best and is_delta(best) and not _has_full_weights(best):
+            apply_delta(self.model, best)
+            return
+        super()._load_best_model()
+
+    # ------------------------------------------------------------------ Hub: card, push
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **card_kwargs):
+        """Write the hf_freeze card (README.md + training_curves.png) into ``args.output_dir``.
+
+        Same arguments as ``Trainer.create_model_card`` (``finetuned_from`` is the base model, ``dataset`` a Hub
+        dataset id); ``card_kwargs`` go to :class:`hf_freeze.model_card.CardConfig` (``dataset_name``, ``summary``,
+        ``template``, ``plot``...).
+        """
+        if not self.is_world_process_zero():
+            return
+        from transformers.modelcard import extract_hyperparameters_from_trainer
+
+        dataset = dataset if dataset is not None else dataset_tags
+        config = CardConfig(
+            model_name=model_name, repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            base_model=finetuned_from, license=license,
+            dataset=(dataset[0] if isinstance(dataset, list) else dataset) or None,
+            tags=["generated_from_trainer", *([tags] if isinstance(tags, str) else tags or [])], **card_kwargs)
+        if config.base_model is None and self.saves_delta:
+            config.base_model, config.base_revision = (getattr(self.args, "delta_base_model", None),
+                                                       getattr(self.args, "delta_base_revision", None))
+        write_model_card(self.model, self.args.output_dir, config, log_history=self.state.log_history,
+                         events_log=self.freeze_callback.events_log,
+                         hyperparameters=extract_hyperparameters_from_trainer(self))
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
+                    **kwargs):
+        """``Trainer.push_to_hub`` with the hf_freeze card, ``freeze_policy.json`` and (``save_delta``) the delta.
+
+        A failed upload raises :class:`hf_freeze.PushFailed`; the output folder stays complete, call again to retry.
+        """
+        def repo() -> str:  # known once init_hf_repo ran (inside the push)
+            return getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
+
+        with explain_push_failure(repo, self.args.output_dir):
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
+                                       revision=revision, private=private, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        """Pushes during training (``args.push_to_hub``): also carry the policy, the delta and the card."""
+        busy = (not self.args.hub_always_push and getattr(self, "push_in_progress", None) is not None
+                and not self.push_in_progress.is_done())  # the Trainer skips this push: don't touch files in flight
+        if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
+            out = Path(self.args.output_dir)
+            for name in ("freeze_policy.json", DELTA_MANIFEST, DELTA_WEIGHTS):
+                if (Path(checkpoint_folder) / name).is_file():
+                    shutil.copy(Path(checkpoint_folder) / name, out / name)
+            if self.saves_delta:
+                remove_weights(out, FULL_WEIGHTS)
+            self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)
 
 
 class FreezeTrainer(FreezeTrainerMixin, Trainer):
     """``transformers.Trainer`` + a freeze policy: ``FreezeTrainer(model, args, ..., freeze_policy="backbone")``."""
+
+
+def _has_full_weights(folder) -> bool:
+    return any((Path(folder) / name).is_file() for name in FULL_WEIGHTS)
 
 
 def _pick_policy(explicit, training_args, model) -> FreezePolicy:

@@ -1,0 +1,282 @@
+"""Delta checkpoints: save only the tensors that were trained, rebuild the full model from its base.
+
+A delta folder holds ``config.json`` (the fine-tuned config, policy included), ``freeze_delta.safetensors``
+(every tensor of the state dict that is *not* a still-frozen, fingerprinted tensor: the head, unfrozen
+groups, BatchNorm statistics that kept updating) and ``freeze_delta.json`` (:class:`DeltaManifest`: the base
+model's repo id or folder, its revision, and the fingerprint of the frozen tensors).
+
+    hf_freeze.save_delta(model, "out")                 # after training with a policy applied
+    model = hf_freeze.from_pretrained("user/my-model")  # loads the base, checks the fingerprint, applies the delta
+
+The fingerprint (BLAKE2b per tensor, see :mod:`hf_freeze.fingerprint`) makes the rebuild exact or loud: if the
+base checkpoint no longer holds bit-identical frozen tensors, :class:`BaseModelChanged` names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .apply import require_state
+from .fingerprint import Fingerprint, named_tensors
+from .groups import unwrap_model
+
+DELTA_WEIGHTS = "freeze_delta.safetensors"
+DELTA_MANIFEST = "freeze_delta.json"
+DELTA_FORMAT = "hf_freeze.delta"
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
+
+
+class BaseModelChanged(RuntimeError):
+    """The base model a delta refers to no longer holds the frozen tensors the delta was trained on."""
+
+    def __init__(self, base: str, revision: str | None, changed: list[str], total: int):
+        self.base, self.revision, self.changed = base, revision, list(changed)
+        shown = ", ".join(self.changed[:5]) + (f", ... ({len(self.changed) - 5} more)" if len(self.changed) > 5 else "")
+        at = f" at revision {revision}" if revision else " (no revision recorded: its latest version was used)"
+        super().__init__(
+            f"base model {base!r}{at} does not match the delta's fingerprint: {len(self.changed)} of {total} frozen "
+            f"tensors differ or are missing ({shown}). The delta was trained on other weights; load it with the "
+            f"original base (from_pretrained(..., base_model=PATH_OR_ID, base_revision=SHA)) or use a full checkpoint.")
+
+
+@dataclass
+class DeltaManifest:
+    """What a delta needs besides its tensors: where the base is, and what its frozen tensors must hash to."""
+
+    base_model: str
+    base_revision: str | None
+    frozen_digests: dict[str, str]
+    trained_tensors: list[str]
+    dtype: str = "float32"
+    format: str = DELTA_FORMAT
+    version: int = 1
+    fingerprint: str = field(default="")
+
+    def __post_init__(self):
+        self.fingerprint = Fingerprint(self.frozen_digests).combined()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frozen_digests"] = dict(sorted(d["frozen_digests"].items()))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeltaManifest:
+        if d.get("format") != DELTA_FORMAT:
+            raise ValueError(f"not a hf_freeze delta manifest (format={d.get('format')!r}, expected {DELTA_FORMAT!r})")
+        if d.get("version", 1) > 1:
+            raise ValueError(f"delta manifest version {d['version']} is newer than this hf_freeze understands (1)")
+        recorded = d.pop("fingerprint", "")
+        manifest = cls(**d)
+        if recorded and recorded != manifest.fingerprint:
+            raise ValueError("delta manifest is corrupt: its combined fingerprint does not match its digests")
+        return manifest
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / DELTA_MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> DeltaManifest:
+        return cls.from_dict(json.loads((Path(folder) / DELTA_MANIFEST).read_text()))
+
+
+# --------------------------------------------------------------------------- what goes into a delta
+def delta_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state-dict tensors that are not still-frozen fingerprinted tensors (contiguous CPU copies).
+
+    ``state_dict``: one already gathered (the Trainer passes it for sharded models); default ``model.state_dict()``.
+    """
+    model = unwrap_model(model)
+    frozen = require_state(model).fingerprint.digests
+    source = model.state_dict() if state_dict is None else state_dict
+    return {n: t.detach().cpu().contiguous() for n, t in source.items() if n not in frozen}
+
+
+def base_reference(model: nn.Module, base_model: str | None = None, base_revision: str | None = None) -> tuple[str, str | None]:
+    """(repo id or folder, revision) of the checkpoint ``model`` was loaded from.
+
+    Default: ``config._name_or_path``. A Hugging Face cache snapshot folder becomes its repo id and commit; a repo
+    id gets the commit its cached ``main`` points to (the one ``from_pretrained`` just used), when known.
+    """
+    name = base_model or getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or ""
+    if not name:
+        raise ValueError("cannot tell which base model this model was loaded from (config._name_or_path is empty); "
+                         "pass base_model='org/name' (a Hub repo id) or a local folder")
+    snap = _SNAPSHOT.search(str(Path(name).resolve())) if os.path.isdir(name) else None
+    if snap:
+        return f"{snap['org']}/{snap['name']}", base_revision or snap["sha"]
+    if os.path.isdir(name):
+        return str(Path(name).resolve()), base_revision
+    return name, base_revision or _cached_commit(name)
+
+
+def _cached_commit(repo_id: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id: nothing cached
+        return None
+    snap = _SNAPSHOT.search(str(path)) if isinstance(path, str) else None
+    return snap["sha"] if snap else None
+
+
+# --------------------------------------------------------------------------- saving
+def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: str | None = None,
+               base_revision: str | None = None, save_config: bool = True,
+               state_dict: dict[str, torch.Tensor] | None = None) -> DeltaManifest:
+    """Write the delta of ``model`` (which must carry a freeze policy) to ``output_dir``.
+
+    Checks first that every frozen tensor is still bit-identical to its fingerprint (``FrozenWeightsChanged``
+    otherwise: the delta would silently drop a change). Full-weight files left in the folder by an earlier save
+    are removed, so the folder holds exactly one kind of checkpoint.
+    """
+    from .apply import verify_frozen
+    from .callback import CONFIG_KEY
+
+    model = unwrap_model(model)
+    state = require_state(model)
+    verify_frozen(model, "before saving a delta checkpoint")
+    base, revision = base_reference(model, base_model, base_revision)
+    tensors = delta_state_dict(model, state_dict)
+    frozen = state.fingerprint.digests
+    dtypes = {str(t.dtype).removeprefix("torch.") for n, t in named_tensors(model).items() if n in frozen and t.is_floating_point()}
+    manifest = DeltaManifest(base, revision, dict(frozen), sorted(tensors), dtype=",".join(sorted(dtypes)) or "float32")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_weights(out, FULL_WEIGHTS)
+    save_file(tensors, out / DELTA_WEIGHTS, metadata={"format": "pt", "hf_freeze": DELTA_FORMAT,
+                                                     "base_model": base, "fingerprint": manifest.fingerprint})
+    manifest.save(out)
+    state.policy.save_pretrained(out)
+    config = getattr(model, "config", None)
+    if save_config and config is not None:
+        setattr(config, CONFIG_KEY, state.policy.to_dict())
+        config.save_pretrained(out)
+    return manifest
+
+
+def remove_weights(folder: Path, names) -> list[str]:
+    """Delete weight files (and the shards an index lists) of one checkpoint kind from ``folder``."""
+    removed = []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            for shard in set(json.loads(path.read_text()).get("weight_map", {}).values()):
+                (folder / shard).unlink(missing_ok=True)
+                removed.append(shard)
+        path.unlink()
+        removed.append(name)
+    return removed
+
+
+def is_delta(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / DELTA_MANIFEST).is_file()
+
+
+def is_adapter(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / ADAPTER_FILES[0]).is_file()
+
+
+# --------------------------------------------------------------------------- loading
+def apply_delta(model: nn.Module, folder: str | os.PathLike, manifest: DeltaManifest | None = None,
+                *, loaded_from: tuple[str, str | None] | None = None) -> nn.Module:
+    """Check ``model``'s frozen tensors against the delta's fingerprint, then load the delta tensors into it.
+
+    ``loaded_from``: (base, revision) ``model`` was read from, for the error message (default: the manifest's).
+    """
+    model = unwrap_model(model)
+    manifest = manifest or DeltaManifest.load(folder)
+    changed = Fingerprint(manifest.frozen_digests).changed(model)
+    if changed:
+        base, revision = loaded_from or (manifest.base_model, manifest.base_revision)
+        raise BaseModelChanged(base, revision, changed, len(manifest.frozen_digests))
+    tensors = load_file(Path(folder) / DELTA_WEIGHTS)
+    if sorted(tensors) != manifest.trained_tensors:
+        raise ValueError(f"{folder}: {DELTA_WEIGHTS} does not hold the tensors its manifest lists")
+    result = model.load_state_dict(tensors, strict=False)
+    uncovered = set(model.state_dict()) - set(tensors) - set(manifest.frozen_digests)
+    if result.unexpected_keys or uncovered:
+        raise ValueError(f"delta in {folder} does not fit {type(model).__name__}: unexpected "
+                         f"{sorted(result.unexpected_keys)[:5]}, neither frozen nor in the delta {sorted(uncovered)[:5]}")
+    return model
+
+
+def from_pretrained(repo_or_dir: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+                    base_model: str | None = None, base_revision: str | None = None, **kwargs) -> nn.Module:
+    """Load a model saved by hf_freeze: a delta (rebuilt on its base), a PEFT adapter folder, or a full checkpoint.
+
+    ``repo_or_dir``: a local folder or a Hub repo id (downloaded at ``revision``). For a delta, ``base_model`` /
+    ``base_revision`` override where the base is read from (e.g. a local copy); the fingerprint check still applies.
+    Extra ``kwargs`` go to the ``from_pretrained`` that loads the weights.
+    """
+    folder = _local_folder(repo_or_dir, revision, token)
+    if is_delta(folder):
+        return _load_delta(folder, token, base_model, base_revision, **kwargs)
+    if is_adapter(folder):
+        return _load_adapter(folder, token, **kwargs)
+    if not any((folder / f).is_file() for f in FULL_WEIGHTS):
+        raise FileNotFoundError(f"{repo_or_dir} holds no model: expected {DELTA_MANIFEST} (hf_freeze delta), "
+                                f"{ADAPTER_FILES[0]} (PEFT adapter) or model.safetensors (full checkpoint)")
+    from transformers import AutoConfig
+
+    from .loading import classifier_class
+
+    return classifier_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, **kwargs)
+
+
+def _local_folder(repo_or_dir, revision, token) -> Path:
+    if os.path.isdir(repo_or_dir):
+        return Path(repo_or_dir)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(repo_or_dir), revision=revision, token=token,
+                                  ignore_patterns=["checkpoint-*", "last-checkpoint/*", "*.png", "training_args.bin"]))
+
+
+def _load_delta(folder: Path, token, base_model, base_revision, **kwargs) -> nn.Module:
+    from transformers import AutoConfig
+
+    from .loading import classifier_class
+
+    manifest = DeltaManifest.load(folder)
+    base = base_model or manifest.base_model
+    revision = base_revision if base_model or base_revision else manifest.base_revision
+    config = AutoConfig.from_pretrained(folder)
+    dtype = getattr(torch, manifest.dtype.split(",")[0], None)
+    kwargs.setdefault("dtype", dtype)
+    model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
+                                                     ignore_mismatched_sizes=True, **kwargs)
+    return apply_delta(model, folder, manifest, loaded_from=(base, revision))
+
+
+def _load_adapter(folder: Path, token, **kwargs) -> nn.Module:
+    """A PEFT adapter folder: its base (``base_model_name_or_path``) with the fine-tuned config when present."""
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError as e:  # pragma: no cover - peft is an optional dependency
+        raise ImportError(f"{folder} holds a PEFT adapter: pip install 'hf_freeze[peft]' to load it") from e
+    from transformers import AutoConfig
+
+    from .loading import classifier_class
+
+    peft_config = PeftConfig.from_pretrained(folder)
+    base = peft_config.base_model_name_or_path
+    config = AutoConfig.from_pretrained(folder if (folder / "config.json").is_file() else base)
+    model = classifier_class(config).from_pretrained(base, config=config, revision=peft_config.revision, token=token,
+                                                     ignore_mismatched_sizes=True, **kwargs)
+    return PeftModel.from_pretrained(model, folder)

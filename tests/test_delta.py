@@ -1,0 +1,186 @@
+"""Delta checkpoints on disk: what goes in, exact rebuild, base-change detection, resume, the real MobileNetV2 size."""
+
+import json
+
+import pytest
+import torch
+from helpers import TinyImages, identical, snapshot, tiny_model, training_args
+from safetensors.torch import load_file, save_file
+
+import hf_freeze
+from hf_freeze import BaseModelChanged, FreezeTrainer, FrozenWeightsChanged
+from hf_freeze.delta import DELTA_MANIFEST, DELTA_WEIGHTS, DeltaManifest
+
+POLICY = "freeze=backbone;unfreeze=step3:1@0.5"
+
+
+def saved_base(tmp_path, seed=0):
+    """A tiny ResNet saved as a local 'pretrained' folder, and the model loaded back from it."""
+    base = tmp_path / "base"
+    tiny_model("resnet", seed=seed).save_pretrained(base)
+    return base, type(tiny_model("resnet")).from_pretrained(base)
+
+
+def logits(model, seed=0):
+    model.eval()
+    with torch.no_grad():
+        return model(pixel_values=torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))).logits
+
+
+def train(model, tmp_path, policy=POLICY, **kw):
+    trainer = FreezeTrainer(model=model, args=training_args(tmp_path, num_train_epochs=1, **kw),
+                            train_dataset=TinyImages(), freeze_policy=policy)
+    trainer.train()
+    return trainer
+
+
+def test_delta_holds_exactly_the_trained_tensors_and_rebuilds_bit_identically(tmp_path):
+    base_dir, model = saved_base(tmp_path)
+    before = snapshot(model)
+    train(model, tmp_path)  # stage.1 unfreezes at step 3: head + stage.1 (with its BN stats) are trained
+    manifest = hf_freeze.save_delta(model, tmp_path / "delta")
+
+    groups = hf_freeze.layer_groups(model)
+    trained = {n for g in ("stage.1", "head") for n in (*groups[g].param_names, *groups[g].buffer_names)}
+    stored = load_file(tmp_path / "delta" / DELTA_WEIGHTS)
+    assert set(stored) == trained & set(model.state_dict())
+    after = snapshot(model)
+    assert all(not identical(before[n], after[n]) for n in groups["head"].param_names)  # really trained
+    assert set(manifest.frozen_digests) == {n for g in ("stem", "stage.0") for n in (*groups[g].param_names, *groups[g].buffer_names)}
+    assert manifest.base_model == str(base_dir.resolve()) and manifest.base_revision is None
+    assert json.loads((tmp_path / "delta" / "config.json").read_text())["freeze_policy"]["unfreeze"][0]["at_step"] == 3
+    assert not (tmp_path / "delta" / "model.safetensors").exists()
+
+    rebuilt = hf_freeze.from_pretrained(tmp_path / "delta")
+    again = snapshot(rebuilt)
+    assert sorted(again) == sorted(after) and [n for n in after if not identical(after[n], again[n])] == []
+    assert torch.equal(logits(rebuilt), logits(model))
+
+
+def test_a_changed_base_is_refused_with_the_tensor_named(tmp_path):
+    base_dir, model = saved_base(tmp_path)
+    train(model, tmp_path)
+    hf_freeze.save_delta(model, tmp_path / "delta")
+    weights = load_file(base_dir / "model.safetensors")
+    name = "resnet.embedder.embedder.convolution.weight"
+    weights[name][0, 0, 0, 0] += 1e-3  # someone re-uploaded the base with one weight changed
+    save_file(weights, base_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BaseModelChanged, match=rf"1 of \d+ frozen tensors differ.*{name}") as err:
+        hf_freeze.from_pretrained(tmp_path / "delta")
+    assert err.value.changed == [name] and str(base_dir.resolve()) in str(err.value)
+
+
+def test_saving_a_delta_refuses_a_model_whose_frozen_weights_moved(tmp_path):
+    _, model = saved_base(tmp_path)
+    hf_freeze.apply_policy(model, "backbone")
+    with torch.no_grad():
+        model.resnet.embedder.embedder.convolution.weight[0, 0, 0, 0] += 1.0
+    with pytest.raises(FrozenWeightsChanged, match="embedder.convolution.weight"):
+        hf_freeze.save_delta(model, tmp_path / "delta")
+    assert not (tmp_path / "delta").exists()
+
+
+def test_a_delta_replaces_stale_full_weights_and_vice_versa(tmp_path):
+    _, model = saved_base(tmp_path)
+    trainer = train(model, tmp_path)
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    assert (out / "model.safetensors").is_file() and not (out / DELTA_MANIFEST).exists()
+    trainer.args.save_delta = True
+    trainer.save_model(str(out))
+    assert (out / DELTA_MANIFEST).is_file() and not (out / "model.safetensors").exists()
+    assert (out / "training_args.bin").is_file() and (out / "freeze_policy.json").is_file()
+    trainer.args.save_delta = False
+    trainer.save_model(str(out))
+    assert (out / "model.safetensors").is_file() and not (out / DELTA_MANIFEST).exists()
+
+
+def test_manifest_round_trip_and_corruption_is_detected(tmp_path):
+    m = DeltaManifest("org/base", "a" * 40, {"x": "1" * 32, "y": "2" * 32}, ["head.weight"])
+    m.save(tmp_path)
+    assert DeltaManifest.load(tmp_path) == m
+    d = json.loads((tmp_path / DELTA_MANIFEST).read_text())
+    d["frozen_digests"]["x"] = "3" * 32
+    (tmp_path / DELTA_MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="corrupt"):
+        DeltaManifest.load(tmp_path)
+    with pytest.raises(ValueError, match="not a hf_freeze delta"):
+        DeltaManifest.from_dict({"format": "something else"})
+
+
+def test_resume_from_delta_checkpoints_equals_the_uninterrupted_run(tmp_path):
+    from test_trainer import StopAt
+
+    policy = POLICY
+    kwargs = dict(num_train_epochs=2, save_strategy="steps", save_steps=5, save_delta=True)
+    base_dir, full = saved_base(tmp_path)
+    FreezeTrainer(model=full, args=training_args(tmp_path / "a", **kwargs), train_dataset=TinyImages(),
+                  freeze_policy=policy).train()
+    _, interrupted = saved_base(tmp_path)
+    FreezeTrainer(model=interrupted, args=training_args(tmp_path / "b", **kwargs), train_dataset=TinyImages(),
+                  freeze_policy=policy, callbacks=[StopAt(5)]).train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-5"
+    assert (checkpoint / DELTA_WEIGHTS).is_file() and not (checkpoint / "model.safetensors").exists()
+    _, resumed = saved_base(tmp_path)
+    FreezeTrainer(model=resumed, args=training_args(tmp_path / "b", **kwargs), train_dataset=TinyImages(),
+                  freeze_policy=policy).train(resume_from_checkpoint=str(checkpoint))
+    a, b = snapshot(full), snapshot(resumed)
+    assert [n for n in a if not identical(a[n], b[n])] == []
+
+
+@pytest.mark.slow
+def test_head_only_mobilenet_v2_delta_is_under_one_percent(mobilenet_v2_path, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(mobilenet_v2_path, num_labels=10, ignore_mismatched_sizes=True)
+    hf_freeze.apply_policy(model, "backbone")
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # two real head-only steps on random 224 px images
+        out = model(pixel_values=torch.randn(2, 3, 224, 224, generator=g), labels=torch.randint(0, 10, (2,), generator=g))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    hf_freeze.save_delta(model, tmp_path / "delta")
+    model.save_pretrained(tmp_path / "full")
+    # what a delta push adds beyond config/card: the trained tensors and the manifest (fingerprints of 300+ tensors)
+    delta = sum((tmp_path / "delta" / f).stat().st_size for f in (DELTA_WEIGHTS, DELTA_MANIFEST))
+    full = (tmp_path / "full" / "model.safetensors").stat().st_size
+    assert delta / full <= 0.01, (delta, full)
+    rebuilt = hf_freeze.from_pretrained(tmp_path / "delta")
+    x = torch.randn(2, 3, 224, 224, generator=g)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
+def test_load_best_model_at_end_reads_a_delta_checkpoint(tmp_path):
+    scores = iter([0.9, 0.1, 0.5])  # epoch 1 is the best by construction
+
+    def fake_metric(pred):
+        return {"fake": next(scores)}
+
+    base_dir, model = saved_base(tmp_path)
+    args = training_args(tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", save_delta=True,
+                         load_best_model_at_end=True, metric_for_best_model="fake", greater_is_better=True)
+    trainer = FreezeTrainer(model=model, args=args, train_dataset=TinyImages(n=16), eval_dataset=TinyImages(n=8, seed=1),
+                            compute_metrics=fake_metric, freeze_policy="freeze=backbone;unfreeze=step1:1")
+    trainer.train()  # 2 steps per epoch
+    best = tmp_path / "out" / "checkpoint-2"
+    assert trainer.state.best_model_checkpoint == str(best) and (best / DELTA_WEIGHTS).is_file()
+    expected = hf_freeze.from_pretrained(best)
+    a, b = snapshot(expected), snapshot(model)
+    assert [n for n in a if not identical(a[n], b[n])] == []
+    last = hf_freeze.from_pretrained(tmp_path / "out" / "checkpoint-6")
+    assert not torch.equal(logits(last), logits(model))  # the final weights were really replaced
+
+
+
+def test_delta_flags_parse_with_hf_argument_parser(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(hf_freeze.FreezeTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--save_delta", "--delta_base_model", "org/base", "--delta_base_revision", "abc"])
+    assert (args.save_delta, args.delta_base_model, args.delta_base_revision) == (True, "org/base", "abc")
+    assert args.freeze_policy() is None  # saving flags are not freeze flags
