@@ -406,7 +406,7 @@ def orchestrate(a) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out} ({results['total_minutes']:.1f} min)")
-    if not a.quick:
+    if not (a.quick or a.no_docs):
         from transfer_report import write_report
 
         write_report(results, ROOT / "docs")
@@ -425,6 +425,7 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=str(Path(os.environ.get("HF_FREEZE_CACHE", Path.home() / ".cache" / "hf_freeze"))
                                           / "transfer-benchmark"))
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "transfer.json"))
+    p.add_argument("--no-docs", action="store_true", help="only write --out, not docs/benchmarks.md")
     p.add_argument("--worker", choices=list(STRATEGIES), help=argparse.SUPPRESS)
     p.add_argument("--shots", type=int, nargs=1, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)

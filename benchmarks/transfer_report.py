@@ -110,8 +110,8 @@ def headline(summary, results) -> str:
     base = results["baseline_imagenet_top1"]
     keep = [k for k in keys if all(summary[k, s]["top1_min"] == base for s in shots)]
     lines.append(f"- ImageNet samples, original head: the pretrained model gets {base}/20; after training, "
-                 f"{', '.join(summary[k, shots[0]]['label'] for k in keep) or 'no strategy'} still get {base}/20 "
-                 "in every run.")
+                 f"{', '.join(summary[k, shots[0]]['label'] for k in keep) or 'no strategy'} still scores {base}/20 "
+                 "in every run; every other strategy loses some or all of it.")
     return "\n".join(lines)
 
 
@@ -143,15 +143,17 @@ def plot(summary, docs: Path) -> list[str]:
     plt.close(fig)
 
     s = shots[-1]
-    labels = [summary[k, s]["label"].replace(" (Trainer)", "").replace("hf_freeze ", "").replace(", BatchNorm frozen", "")
+    labels = [summary[k, s]["label"].replace(" (Trainer)", "").replace("hf_freeze ", "").replace("BatchNorm", "BN")
               for k in keys]
-    panels = [("training time, s", [summary[k, s]["seconds"] for k in keys], False),
-              ("RSS rise during training, MB", [summary[k, s]["rss_rise"] for k in keys], False),
-              ("delta to save, bytes (log)", [summary[k, s]["delta_bytes"] for k in keys], True),
-              ("ImageNet top-1 with original head, /20", [summary[k, s]["top1"] for k in keys], False)]
+    panels = [("training time, s", [summary[k, s]["seconds"] for k in keys], False, "{:.1f}"),
+              ("RSS rise in training, MB", [summary[k, s]["rss_rise"] for k in keys], False, "{:.0f}"),
+              ("delta to save, KB (log)", [summary[k, s]["delta_bytes"] / 1024 for k in keys], True, "{:.0f}"),
+              ("ImageNet top-1 (original head), /20", [summary[k, s]["top1"] for k in keys], False, "{:.1f}")]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (title, values, log) in zip(axes.flat, panels):
-        ax.barh(range(len(keys)), values, color=[f"C{i}" for i in range(len(keys))])
+    for ax, (title, values, log, fmt) in zip(axes.flat, panels):
+        bars = ax.barh(range(len(keys)), values, color=[f"C{i}" for i in range(len(keys))])
+        ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, padding=2)
+        ax.margins(x=0.15)
         ax.set_yticks(range(len(keys)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{title} ({s}/class)", fontsize=10)
@@ -205,15 +207,11 @@ buffers) that differs bit-wise from the pretrained model, new head included, as 
 must be stored next to the public checkpoint to rebuild the fine-tuned model. *ImageNet top-1*: the
 trained backbone loaded into the original 1001-class model, on the 20 ImageNet sample photos.
 
-Strategies: {"; ".join(f"`{k}`: {v}" for k, v in st["strategies"].items())}. Pending: {pending}.
+Pending: {pending}.
 
 <!-- NOTES -->
 {notes}
 <!-- /NOTES -->
-
-### Headline figures
-
-{headline(summary, results)}
 
 ### Machine and reproduction
 
@@ -228,6 +226,10 @@ python benchmarks/transfer.py            # needs ../shared (or HF_FREEZE_SHARED)
 python benchmarks/transfer.py --quick    # smoke run: 1 seed, 10/class, 1 epoch
 python benchmarks/transfer_report.py     # re-render this page from docs/benchmarks/transfer.json
 ```
+
+### Closing note: headline figures
+
+{headline(summary, results)}
 """
 
 

@@ -404,5 +404,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+def close_process_group() -> None:
+    """Under torchrun/accelerate: sync and close the process group (gloo can abort at exit otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    close_process_group()
