@@ -9,7 +9,7 @@ validation accuracy, training time, peak RSS (whole process, and the rise during
 parameters, artefact size (the full checkpoint, and the delta: the tensors that differ from the pretrained
 model), and the ImageNet-sample top-1 of the trained backbone under its original 1001-class head.
 
-    python benchmarks/transfer.py            # full run (~30 min on 2 shared cores); writes docs/benchmarks.md
+    python benchmarks/transfer.py            # full run (21 min on 2 busy shared cores); writes docs/benchmarks.md
     python benchmarks/transfer.py --quick    # 1 seed, 10 images/class, 1 epoch (a smoke run, nothing written to docs/)
 
 Strategies live in ``STRATEGIES``; add one with a new entry (see ``PENDING`` for adapters).
