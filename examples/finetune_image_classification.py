@@ -314,22 +314,20 @@ def write_freeze_outputs(trainer: FreezeTrainer, output_dir: str) -> hf_freeze.F
 
 
 def card_kwargs(model_args: ModelArguments, data_args: DataArguments, model_path: str) -> dict:
-    dataset = data_args.dataset_name or ("imagefolder" if data_args.train_dir else "sklearn digits 5-9 (hf_freeze demo)")
-    kwargs = {"finetuned_from": model_path, "tasks": "image-classification", "dataset": dataset,
-              "tags": ["image-classification", "hf_freeze"]}
-    if data_args.dataset_name:
-        kwargs["dataset_tags"] = data_args.dataset_name
-    return kwargs
-
-
-def write_model_card(trainer: FreezeTrainer, output_dir: str, kwargs: dict) -> None:
+    """Arguments for ``trainer.create_model_card`` / ``trainer.push_to_hub``."""
+    display = data_args.dataset_name or ("a local imagefolder" if data_args.train_dir
+                                         else "scikit-learn digits 5-9 (hf_freeze's embedded task)")
+    kwargs = {"finetuned_from": model_path, "tasks": "image-classification", "tags": ["image-classification", "hf_freeze"],
+              "dataset_tags": data_args.dataset_name}
     # ---- MODEL CARD HOOK (issue 5) ---------------------------------------------------------------
-    # hf_freeze.write_model_card (hf_freeze/model_card.py, issue 5) renders the freeze card with its plot.
-    # Until it is exported, transformers' own card (Trainer.create_model_card) is written.
+    # With hf_freeze's card (hf_freeze.write_model_card, hf_freeze/model_card.py), FreezeTrainer.create_model_card
+    # renders it: freeze report, unfreeze events and the training-curve plot; its CardConfig takes the display
+    # name as ``dataset_name`` and only a Hub id as ``dataset``. Without it, transformers' card is written.
     if hasattr(hf_freeze, "write_model_card"):
-        hf_freeze.write_model_card(trainer, output_dir, **kwargs)
+        kwargs["dataset_name"] = display
     else:
-        trainer.create_model_card(**kwargs)
+        kwargs["dataset"] = display
+    return kwargs
 
 
 def print_events(trainer: FreezeTrainer) -> None:
@@ -397,8 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         report = write_freeze_outputs(trainer, training_args.output_dir)
         print_events(trainer)
         print(report)
-        kwargs = card_kwargs(model_args, data_args, model_path)
-        write_model_card(trainer, training_args.output_dir, kwargs)
+        trainer.create_model_card(**card_kwargs(model_args, data_args, model_path))
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs(model_args, data_args, model_path))
     return metrics

@@ -109,7 +109,9 @@ def check_saved_run(out: Path, base: Path) -> dict:
         assert any(not identical(before[n], after[n]) for n in group_tensor_names(out, group)), group
     assert after["classifier.1.weight"].shape == (5, before["classifier.1.weight"].shape[1])
     card = (out / "README.md").read_text()
-    assert "hf_freeze" in card and str(base) in card  # transformers' card until hf_freeze.write_model_card lands
+    assert "hf_freeze" in card and base.name in card
+    if hasattr(hf_freeze, "write_model_card"):  # hf_freeze's own card (issue 5): freeze report and plot
+        assert (out / "training_curves.png").is_file() and "stage.2" in card
     return json.loads((out / "all_results.json").read_text())
 
 
