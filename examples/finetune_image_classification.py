@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""Fine-tune any ``AutoModelForImageClassification`` with a freeze policy (hf_freeze).
+
+In the spirit of transformers' ``examples/pytorch/image-classification/run_image_classification.py``:
+the same flags (``--model_name_or_path``, ``--dataset_name`` or ``--train_dir/--validation_dir``,
+every ``TrainingArguments`` flag) plus hf_freeze's ``--freeze --unfreeze --train_bn --layer_lr_decay
+--verify_frozen --freeze_policy_file``. Runs as ``python``, ``torchrun`` or ``accelerate launch``
+(see examples/README.md).
+
+With neither a model nor data given it runs the embedded default, offline: the small ResNet that
+hf_freeze pretrains on scikit-learn's handwritten digits 0-4 (cached after the first run), fine-tuned
+on digits 5-9 with ``--shots_per_class`` images per class.
+
+Writes to ``--output_dir``: the model (``config.json`` with the policy, ``freeze_policy.json``), the
+image processor, ``freeze_report.txt``/``.md``, ``freeze_events.json``, ``all_results.json``,
+``trainer_state.json`` and a model card (``README.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from datasets import DatasetDict, load_dataset
+from torchvision.transforms import v2
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed
+
+import hf_freeze
+from hf_freeze import FreezeTrainer, FreezeTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("crop", "flip")
+# The embedded default: what `python -m hf_freeze.demo` runs (digits 5-9 on the digits-0-4 ResNet).
+EMBEDDED_POLICY = {"freeze": "backbone", "unfreeze": "epoch3:1@0.5,epoch6:1@0.2", "layer_lr_decay": 0.8}
+EMBEDDED_AUGMENT = "crop"  # no flips: a mirrored digit is another symbol
+EMBEDDED_MIN_CROP_SCALE = 0.85
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Hub model id or local folder. Default: the embedded digits ResNet (pretrained and cached on first use)."})
+    image_processor_name: str | None = field(default=None, metadata={
+        "help": "Image processor (Hub id or folder) when it differs from --model_name_or_path."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
+    ignore_mismatched_sizes: bool = field(default=True, metadata={
+        "help": "Give the model a new head when the dataset's labels differ from the checkpoint's (default: True)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A dataset on the Hub with image and label columns (needs network access)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_dir: str | None = field(default=None, metadata={
+        "help": "Local training images, one subfolder per class (the 'imagefolder' layout)."})
+    validation_dir: str | None = field(default=None, metadata={
+        "help": "Local validation images, same class subfolders. Default: --train_val_split of the training data."})
+    train_val_split: float = field(default=0.15, metadata={
+        "help": "Fraction of the training data held out for validation when there is no validation split."})
+    image_column_name: str = field(default="image", metadata={"help": "The dataset column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "The dataset column holding the labels."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    image_size: int | None = field(default=None, metadata={
+        "help": "Train and evaluate at this size (pixels) instead of the image processor's."})
+    augment: str | None = field(default=None, metadata={
+        "help": "Training augmentation: comma-separated 'crop' (random resized crop) and 'flip' (horizontal), or "
+                "'none'. Default: 'crop,flip' (as transformers' example); 'crop' for the embedded digits."})
+    min_crop_scale: float | None = field(default=None, metadata={
+        "help": "Smallest area fraction of a random resized crop. Default: 0.08 (torchvision); 0.85 for the digits."})
+    shots_per_class: int = field(default=10, metadata={
+        "help": "Embedded default only: training images per class of the digits 5-9 task."})
+
+    def __post_init__(self):
+        problems = []
+        if self.dataset_name and (self.train_dir or self.validation_dir):
+            problems.append("give either --dataset_name or --train_dir/--validation_dir, not both")
+        if self.validation_dir and not self.train_dir:
+            problems.append("--validation_dir needs --train_dir")
+        for flag in ("train_dir", "validation_dir"):
+            path = getattr(self, flag)
+            if path and not Path(path).is_dir():
+                problems.append(f"--{flag} {path!r} is not a folder")
+        if not 0 < self.train_val_split < 1:
+            problems.append(f"--train_val_split must be between 0 and 1, got {self.train_val_split}")
+        try:
+            parse_augment(self.augment or "none")
+        except ValueError as e:
+            problems.append(str(e))
+        if self.min_crop_scale is not None and not 0 < self.min_crop_scale <= 1:
+            problems.append(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+        if self.image_size is not None and self.image_size < 1:
+            problems.append(f"--image_size must be a positive number of pixels, got {self.image_size}")
+        if problems:
+            raise ValueError("invalid data arguments: " + "; ".join(problems))
+
+    @property
+    def embedded(self) -> bool:
+        return not (self.dataset_name or self.train_dir)
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    """``"crop,flip"`` -> ``("crop", "flip")``; ``"none"`` -> ``()``. Unknown names raise ValueError."""
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown or not names:
+        raise ValueError(f"--augment {spec!r}: unknown {unknown or 'empty value'}; "
+                         f"valid: 'none' or a comma-separated subset of {list(AUGMENTATIONS)}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_imagefolders(train_dir: str, validation_dir: str | None, cache_dir: str | None) -> DatasetDict:
+    """``load_dataset("imagefolder")`` on each folder; both must have the same class subfolders."""
+    splits = {"train": load_dataset("imagefolder", data_dir=train_dir, cache_dir=cache_dir, split="train")}
+    if validation_dir:
+        splits["validation"] = load_dataset("imagefolder", data_dir=validation_dir, cache_dir=cache_dir, split="train")
+        names = [splits[s].features["label"].names for s in ("train", "validation")]
+        if names[0] != names[1]:
+            raise ValueError(f"--train_dir classes {names[0]} differ from --validation_dir classes {names[1]}: "
+                             "give both folders the same class subfolders")
+    return DatasetDict(splits)
+
+
+def load_hub_dataset(name: str, config: str | None, cache_dir: str | None, token: str | None) -> DatasetDict:
+    """``load_dataset(name)`` with a clear error when the Hub cannot be reached."""
+    try:
+        return load_dataset(name, config, cache_dir=cache_dir, token=token)
+    except ConnectionError as e:
+        raise RuntimeError(
+            f"could not load --dataset_name {name!r} from the Hugging Face Hub ({e}). Without network access "
+            "(or with HF_HUB_OFFLINE=1) pass local images instead: --train_dir DIR [--validation_dir DIR], "
+            "one subfolder per class.") from e
+
+
+def embedded_dataset(shots_per_class: int, seed: int) -> DatasetDict:
+    """The offline default: digits 5-9 (relabelled 0-4), ``shots_per_class`` training images per class."""
+    from hf_freeze.demo.data import transfer_task
+
+    return transfer_task(shots_per_class=shots_per_class, seed=seed)
+
+
+def standardise_columns(data: DatasetDict, image_column: str, label_column: str) -> DatasetDict:
+    """Keep only ``image`` and ``label`` (renamed from the given columns); clear error when one is missing."""
+    columns = data["train"].column_names
+    for flag, col in (("image_column_name", image_column), ("label_column_name", label_column)):
+        if col not in columns:
+            raise ValueError(f"--{flag} {col!r} is not a column of the dataset; its columns are {columns}")
+    data = data.select_columns([image_column, label_column])
+    renames = {k: v for k, v in ((image_column, "image"), (label_column, "label")) if k != v}
+    return data.rename_columns(renames) if renames else data
+
+
+def ensure_validation(data: DatasetDict, fraction: float, seed: int) -> DatasetDict:
+    """Use the ``validation`` split, else ``test``, else hold out ``fraction`` of ``train`` (stratified when possible)."""
+    if "validation" in data:
+        return DatasetDict(train=data["train"], validation=data["validation"])
+    if "test" in data:
+        return DatasetDict(train=data["train"], validation=data["test"])
+    split = data["train"].train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
+    """``train`` and ``validation`` splits with an ``image`` column and a ``label`` ClassLabel column."""
+    if data_args.dataset_name:
+        data = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir,
+                                model_args.token)
+    elif data_args.train_dir:
+        data = load_imagefolders(data_args.train_dir, data_args.validation_dir, model_args.cache_dir)
+    else:
+        data = embedded_dataset(data_args.shots_per_class, seed)
+    data = standardise_columns(data, data_args.image_column_name, data_args.label_column_name)
+    data = ensure_validation(data, data_args.train_val_split, seed)
+    if data_args.max_train_samples is not None:
+        data["train"] = data["train"].shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(data["train"]))))
+    if data_args.max_eval_samples is not None:
+        data["validation"] = data["validation"].select(range(min(data_args.max_eval_samples, len(data["validation"]))))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def _size_entry(size, key):
+    return size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+
+
+def processor_sizes(processor, override: int | None) -> tuple[int | tuple[int, int], tuple[int, int]]:
+    """``(resize, crop)``: evaluation resizes to ``resize`` (an int: the shorter edge) then centre-crops ``crop``;
+    training crops ``crop``. ``override`` sets both. Else from the processor's ``size`` and ``crop_size``."""
+    if override:
+        return override, (override, override)
+    found = {}
+    for attr in ("size", "crop_size"):
+        size = getattr(processor, attr, None)
+        if isinstance(size, int):
+            found[attr] = size
+        elif size is not None and _size_entry(size, "height") and _size_entry(size, "width"):
+            found[attr] = (_size_entry(size, "height"), _size_entry(size, "width"))
+        elif size is not None and _size_entry(size, "shortest_edge"):
+            found[attr] = _size_entry(size, "shortest_edge")
+    if not found:
+        raise ValueError(f"cannot tell the image size of {type(processor).__name__}; pass --image_size")
+    resize = found.get("size", found.get("crop_size"))
+    crop = found.get("crop_size", resize)
+    return resize, ((crop, crop) if isinstance(crop, int) else crop)
+
+
+def build_transforms(processor, resize, crop: tuple[int, int], augment: tuple[str, ...],
+                     min_crop_scale: float) -> tuple[v2.Compose, v2.Compose]:
+    """Train and eval torchvision pipelines that end in the processor's normalisation (as transformers' example)."""
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    normalize = [v2.Normalize(mean=mean, std=std)] if getattr(processor, "do_normalize", True) and mean else []
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    train = [v2.RandomResizedCrop(crop, scale=(min_crop_scale, 1.0), antialias=True) if "crop" in augment
+             else v2.Resize(crop, antialias=True)]
+    if "flip" in augment:
+        train.append(v2.RandomHorizontalFlip())
+    evaluation = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+    return v2.Compose([*train, *to_tensor, *normalize]), v2.Compose([*evaluation, *to_tensor, *normalize])
+
+
+def batch_transform(pipeline: v2.Compose):
+    """A ``datasets.with_transform`` function: PIL images -> ``pixel_values`` tensors, ``label`` -> ``labels``."""
+    def apply(batch):
+        pixels = [pipeline(image.convert("RGB")) for image in batch["image"]]
+        return {"pixel_values": pixels, "labels": batch["label"]}
+    return apply
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples])}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def compute_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy, plus top-5 accuracy when there are more than 5 classes. Computed locally (no Hub)."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    metrics = {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+    if logits.shape[-1] > 5:
+        top5 = np.argsort(-logits, axis=-1)[:, :5]
+        metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=-1).mean())
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- model
+def resolve_model_path(model_args: ModelArguments, training_args, seed: int) -> str:
+    """``--model_name_or_path``, or the embedded digits ResNet (pretrained once, on the main process first)."""
+    if model_args.model_name_or_path:
+        return model_args.model_name_or_path
+    from hf_freeze.demo.pretrain import pretrained_base
+
+    with training_args.main_process_first(desc="pretraining the embedded base"):
+        return str(pretrained_base(seed=seed))
+
+
+def load_model(path: str, model_args: ModelArguments, labels: list[str]):
+    """The model with a head for ``labels`` (a new head when they differ from the checkpoint's)."""
+    config = AutoConfig.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+        finetuning_task="image-classification", cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+    return AutoModelForImageClassification.from_pretrained(
+        path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        token=model_args.token, trust_remote_code=model_args.trust_remote_code,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+
+
+def check_policy(model, training_args: FreezeTrainingArguments) -> None:
+    """Resolve the command line's policy against the model now: a bad group name fails before the Trainer
+    creates --output_dir (FreezePolicyError names the model's groups)."""
+    policy = training_args.freeze_policy()
+    if policy is not None:
+        hf_freeze.resolve(policy, hf_freeze.layer_groups(model))
+
+
+def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrainingArguments) -> None:
+    """The digits task's own defaults for what the command line left unset (policy, augmentation)."""
+    if data_args.embedded and training_args.freeze_policy() is None:
+        training_args.freeze = EMBEDDED_POLICY["freeze"]
+        training_args.unfreeze = EMBEDDED_POLICY["unfreeze"]
+        training_args.layer_lr_decay = EMBEDDED_POLICY["layer_lr_decay"]
+    if data_args.augment is None:
+        data_args.augment = EMBEDDED_AUGMENT if data_args.embedded else "crop,flip"
+    if data_args.min_crop_scale is None:
+        data_args.min_crop_scale = EMBEDDED_MIN_CROP_SCALE if data_args.embedded else 0.08
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def write_freeze_outputs(trainer: FreezeTrainer, output_dir: str) -> hf_freeze.FreezeReport:
+    """``freeze_report.txt``/``.md`` and ``freeze_events.json`` (the unfreeze events as they happened)."""
+    report = hf_freeze.freeze_report(trainer.model)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "freeze_report.txt").write_text(str(report) + "\n")
+    (out / "freeze_report.md").write_text(report.to_markdown() + "\n")
+    (out / "freeze_events.json").write_text(json.dumps(trainer.freeze_callback.events_log, indent=2) + "\n")
+    return report
+
+
+def card_kwargs(model_args: ModelArguments, data_args: DataArguments, model_path: str) -> dict:
+    """Arguments for ``trainer.create_model_card`` / ``trainer.push_to_hub``."""
+    display = data_args.dataset_name or ("a local imagefolder" if data_args.train_dir
+                                         else "scikit-learn digits 5-9 (hf_freeze's embedded task)")
+    kwargs = {"finetuned_from": model_path, "tasks": "image-classification", "tags": ["image-classification", "hf_freeze"],
+              "dataset_tags": data_args.dataset_name}
+    # ---- MODEL CARD HOOK (issue 5) ---------------------------------------------------------------
+    # With hf_freeze's card (hf_freeze.write_model_card, hf_freeze/model_card.py), FreezeTrainer.create_model_card
+    # renders it: freeze report, unfreeze events and the training-curve plot; its CardConfig takes the display
+    # name as ``dataset_name`` and only a Hub id as ``dataset``. Without it, transformers' card is written.
+    if hasattr(hf_freeze, "write_model_card"):
+        kwargs["dataset_name"] = display
+    else:
+        kwargs["dataset"] = display
+    return kwargs
+
+
+def print_events(trainer: FreezeTrainer) -> None:
+    for e in trainer.freeze_callback.events_log:
+        print(f"unfroze {', '.join(e['groups'])} at {e['when']} (step {e['step']}, lr x{e['lr_scale']:g}): "
+              f"{e['trainable_params']:,} trainable parameters")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, FreezeTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logging.getLogger("hf_freeze").setLevel(log_level)
+    apply_embedded_defaults(data_args, training_args)
+    training_args.remove_unused_columns = False  # the transforms need the raw image column
+    set_seed(training_args.seed)
+
+    with training_args.main_process_first(desc="loading the dataset"):
+        data = load_data(data_args, model_args, training_args.seed)
+    labels: list[str] = data["train"].features["label"].names
+    model_path = resolve_model_path(model_args, training_args, training_args.seed)
+    processor = AutoImageProcessor.from_pretrained(
+        model_args.image_processor_name or model_path, cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision, token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+    model = load_model(model_path, model_args, labels)
+    check_policy(model, training_args)
+
+    resize, crop = processor_sizes(processor, data_args.image_size)
+    train_tf, eval_tf = build_transforms(processor, resize, crop, parse_augment(data_args.augment),
+                                         data_args.min_crop_scale)
+    train_set = data["train"].with_transform(batch_transform(train_tf))
+    eval_set = data["validation"].with_transform(batch_transform(eval_tf))
+
+    trainer = FreezeTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                            data_collator=collate, compute_metrics=compute_metrics, processing_class=processor)
+    if training_args.should_log:
+        print(f"Model: {model_path} -> {len(labels)} labels; data: {len(train_set)} train / {len(eval_set)} "
+              f"validation images at {crop[0]}x{crop[1]} px; augmentation: {data_args.augment}")
+        print(hf_freeze.freeze_report(model))
+
+    metrics: dict[str, float] = {}
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics.update(train_result.metrics)
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    metrics.update(eval_metrics)
+
+    if training_args.should_save:
+        report = write_freeze_outputs(trainer, training_args.output_dir)
+        print_events(trainer)
+        print(report)
+        trainer.create_model_card(**card_kwargs(model_args, data_args, model_path))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card_kwargs(model_args, data_args, model_path))
+    return metrics
+
+
+def close_process_group() -> None:
+    """Under torchrun/accelerate: sync and close the process group (gloo can abort at exit otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    close_process_group()

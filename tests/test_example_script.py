@@ -1,0 +1,245 @@
+"""examples/finetune_image_classification.py end to end: real imagefolder data, a real pretrained base, a freeze
+policy with an unfreeze, evaluation, the saved model + policy + card; one and two processes (accelerate launch)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import identical
+from transformers import AutoImageProcessor, AutoModelForImageClassification, EvalPrediction
+
+import hf_freeze
+from hf_freeze.demo.data import transfer_task, write_imagefolder
+from hf_freeze.demo.pretrain import pretrained_base, torch_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "finetune_image_classification.py"
+TRAIN_IMAGES, BATCH, EPOCHS = 50, 10, 4  # 5 classes x 10 shots; 5 steps per epoch in one process
+POLICY = "epoch2:1@0.5"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("finetune_image_classification", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf_freeze_cache")
+
+
+@pytest.fixture(scope="module")
+def base(cache) -> Path:
+    """The demo's real pretrained ResNet (digits 0-4), trained into a temporary cache (~5 s)."""
+    return pretrained_base(cache_dir=cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """Digits 5-9 as imagefolder PNGs: 10 training and 20 validation images per class."""
+    root = tmp_path_factory.mktemp("digits")
+    task = transfer_task(shots_per_class=10, seed=0, validation_per_class=20)
+    return write_imagefolder(task["train"], root / "train"), write_imagefolder(task["validation"], root / "validation")
+
+
+def cli_args(base: Path, folders, out: Path, *extra: str) -> list[str]:
+    train, validation = folders
+    return ["--model_name_or_path", str(base), "--train_dir", str(train), "--validation_dir", str(validation),
+            "--output_dir", str(out), "--freeze", "backbone", "--unfreeze", POLICY,
+            "--num_train_epochs", str(EPOCHS), "--per_device_train_batch_size", str(BATCH), "--learning_rate", "1e-2",
+            "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1", "--logging_steps", "1",
+            "--augment", "crop", "--min_crop_scale", "0.85", "--report_to", "none", "--seed", "0", "--use_cpu",
+            "--disable_tqdm", "true", "--dataloader_num_workers", "0", *extra]
+
+
+def env(cache: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "HF_FREEZE_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def state_of(path: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForImageClassification.from_pretrained(path)
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def group_tensor_names(path: Path, group: str) -> list[str]:
+    g = hf_freeze.layer_groups(AutoModelForImageClassification.from_pretrained(path))[group]
+    return [*g.param_names, *g.buffer_names]
+
+
+def check_saved_run(out: Path, base: Path) -> dict:
+    """What every run must leave behind; returns all_results.json."""
+    for name in ("model.safetensors", "config.json", "freeze_policy.json", "preprocessor_config.json", "README.md",
+                 "freeze_report.txt", "freeze_report.md", "freeze_events.json", "all_results.json", "trainer_state.json"):
+        assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
+    policy = hf_freeze.FreezePolicy.from_pretrained(out)
+    assert policy == hf_freeze.FreezePolicy.from_string(f"freeze=backbone;unfreeze={POLICY}")
+    assert json.loads((out / "config.json").read_text())["freeze_policy"] == policy.to_dict()
+    assert [json.loads((c / "freeze_policy.json").read_text()) for c in out.glob("checkpoint-*")] == [policy.to_dict()]
+    events = json.loads((out / "freeze_events.json").read_text())
+    assert [(e["groups"], e["when"]) for e in events] == [(["stage.2"], "epoch 2")]
+    # still-frozen groups are bit-identical to the pretrained base (BatchNorm buffers included); the rest trained
+    before, after = state_of(base), state_of(out)
+    for group in ("stem", "stage.0", "stage.1"):
+        names = group_tensor_names(out, group)
+        assert names and [n for n in names if not identical(before[n], after[n])] == [], group
+    for group in ("stage.2",):
+        assert any(not identical(before[n], after[n]) for n in group_tensor_names(out, group)), group
+    assert after["classifier.1.weight"].shape == (5, before["classifier.1.weight"].shape[1])
+    card = (out / "README.md").read_text()
+    assert "hf_freeze" in card and base.name in card
+    if hasattr(hf_freeze, "write_model_card"):  # hf_freeze's own card (issue 5): freeze report and plot
+        assert (out / "training_curves.png").is_file() and "stage.2" in card
+    return json.loads((out / "all_results.json").read_text())
+
+
+def evaluate_saved(out: Path, validation: Path) -> float:
+    """Accuracy of the saved model + processor on the validation folder, recomputed from the files alone."""
+    from datasets import load_dataset
+
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    processor = AutoImageProcessor.from_pretrained(out)
+    data = load_dataset("imagefolder", data_dir=str(validation), split="train")
+    resize, crop = example.processor_sizes(processor, None)
+    _, eval_tf = example.build_transforms(processor, resize, crop, (), 1.0)
+    pixels = torch.stack([eval_tf(im.convert("RGB")) for im in data["image"]])
+    with torch.no_grad(), torch_threads(1):
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    assert names == data.features["label"].names
+    return float((predicted == torch.tensor(data["label"])).float().mean())
+
+
+@pytest.mark.slow
+def test_single_process_run_trains_evaluates_and_saves(tmp_path, base, folders, cache):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *cli_args(base, folders, out)], capture_output=True,
+                          text=True, timeout=300, env=env(cache), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = check_saved_run(out, base)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == EPOCHS * TRAIN_IMAGES // BATCH
+    assert "top5_accuracy" not in json.dumps(results)  # 5 classes: top-5 would always be 1
+    assert results["eval_accuracy"] > 0.4  # 5 classes: chance is 0.2
+    # the reported accuracy is the saved model's: reload it from the files and evaluate again
+    assert evaluate_saved(out, folders[1]) == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    assert "Freeze policy: freeze=backbone;unfreeze=epoch2:1@0.5" in proc.stdout
+    assert "unfroze stage.2 at epoch 2 (step 10, lr x0.5)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(tmp_path, base, folders, cache):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
+           "127.0.0.1", "--main_process_port", str(free_port()), str(SCRIPT), *cli_args(base, folders, out)]
+    for _attempt in range(2):  # gloo occasionally aborts at process exit after the work is done
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env(cache), cwd=tmp_path)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = check_saved_run(out, base)
+    # two replicas share each epoch: ceil(50 / (10 x 2)) = 3 steps per epoch instead of 5
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == EPOCHS * math.ceil(TRAIN_IMAGES / 20)
+    assert results["eval_accuracy"] > 0.3
+    assert evaluate_saved(out, folders[1]) == pytest.approx(results["eval_accuracy"], abs=1e-6)
+
+
+def test_embedded_default_runs_without_model_or_data(tmp_path, base, cache, monkeypatch):
+    monkeypatch.setenv("HF_FREEZE_CACHE", str(cache))  # the fixture's base is the embedded default's
+    out = tmp_path / "embedded"
+    with torch_threads(1):
+        metrics = example.main(["--output_dir", str(out), "--num_train_epochs", "3", "--learning_rate", "3e-3",
+                                "--per_device_train_batch_size", "16", "--report_to", "none", "--use_cpu",
+                                "--disable_tqdm", "true", "--save_strategy", "no", "--shots_per_class", "5"])
+    policy = hf_freeze.FreezePolicy.from_pretrained(out)
+    assert policy.to_string() == "freeze=backbone;unfreeze=epoch3:1@0.5,epoch6:1@0.2;layer_lr_decay=0.8"
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["5", "6", "7", "8", "9"]
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["epoch"] == 3.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--augment", "crop,rotate"], r"--augment 'crop,rotate': unknown \['rotate'\]; valid: 'none' or"),
+    (["--dataset_name", "beans", "--train_dir", "."], "give either --dataset_name or --train_dir"),
+    (["--validation_dir", "."], "--validation_dir needs --train_dir"),
+    (["--train_dir", "/nonexistent/folder"], "'/nonexistent/folder' is not a folder"),
+    (["--train_val_split", "1.5"], "--train_val_split must be between 0 and 1"),
+])
+def test_bad_arguments_fail_before_anything_is_written(tmp_path, argv, message):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=message):
+        example.main(["--output_dir", str(out), "--use_cpu", "--report_to", "none", *argv])
+    assert not out.exists()
+
+
+def test_hub_dataset_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match=r"could not load --dataset_name 'beans' .* --train_dir DIR"):
+        example.main(["--dataset_name", "beans", "--output_dir", str(out), "--use_cpu", "--report_to", "none"])
+    assert not out.exists()
+
+
+def test_unknown_columns_and_groups_are_named(tmp_path, folders, base):
+    train, validation = folders
+    common = ["--model_name_or_path", str(base), "--train_dir", str(train), "--validation_dir", str(validation),
+              "--use_cpu", "--report_to", "none"]
+    with pytest.raises(ValueError, match=r"--label_column_name 'labels' is not a column .*\['image', 'label'\]"):
+        example.main([*common, "--output_dir", str(tmp_path / "a"), "--label_column_name", "labels"])
+    with pytest.raises(hf_freeze.FreezePolicyError, match="stage.9"):
+        example.main([*common, "--output_dir", str(tmp_path / "b"), "--freeze", "stem,stage.9"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_metrics_accuracy_and_top5():
+    labels = np.array([0, 1, 2, 3])
+    logits = np.zeros((4, 7), dtype=np.float32)
+    logits[0, 0] = 9                            # right
+    logits[1, [0, 2, 3, 4, 1]] = [9, 8, 7, 6, 5]  # label 1 ranks 5th: in the top 5, not top 1
+    logits[2, [0, 1, 3, 4, 5]] = [9, 8, 7, 6, 5]  # label 2 ranks 6th: outside the top 5
+    logits[3, 3] = 9                            # right
+    got = example.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+    assert got == {"accuracy": 0.5, "top5_accuracy": 0.75}
+    five = example.compute_metrics(EvalPrediction(predictions=logits[:, :5], label_ids=labels))
+    assert five == {"accuracy": 0.5}
+
+
+def test_processor_sizes_follow_transformers_example():
+    from transformers import MobileNetV2ImageProcessor, ViTImageProcessor
+
+    mobilenet = MobileNetV2ImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})
+    assert example.processor_sizes(mobilenet, None) == (256, (224, 224))
+    assert example.processor_sizes(ViTImageProcessor(size={"height": 32, "width": 48}), None) == ((32, 48), (32, 48))
+    assert example.processor_sizes(mobilenet, 96) == (96, (96, 96))
+    train_tf, eval_tf = example.build_transforms(mobilenet, 256, (224, 224), ("crop", "flip"), 0.08)
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 260), (255, 0, 0))
+    for tf in (train_tf, eval_tf):
+        x = tf(image)
+        assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+        assert torch.allclose(x[0], torch.ones(224, 224)) and torch.allclose(x[1], -torch.ones(224, 224))  # (v-.5)/.5
