@@ -34,12 +34,13 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 import hf_freeze
 from hf_freeze import FreezeTrainer, FreezeTrainingArguments
+from hf_freeze.demo import DEFAULT_POLICY
 
 logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("crop", "flip")
 # The embedded default: what `python -m hf_freeze.demo` runs (digits 5-9 on the digits-0-4 ResNet).
-EMBEDDED_POLICY = {"freeze": "backbone", "unfreeze": "epoch3:1@0.5,epoch6:1@0.2", "layer_lr_decay": 0.8}
+EMBEDDED_POLICY = hf_freeze.FreezePolicy.from_string(DEFAULT_POLICY)  # the same policy as `make demo`
 EMBEDDED_AUGMENT = "crop"  # no flips: a mirrored digit is another symbol
 EMBEDDED_MIN_CROP_SCALE = 0.85
 
@@ -292,9 +293,9 @@ def check_policy(model, training_args: FreezeTrainingArguments) -> None:
 def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrainingArguments) -> None:
     """The digits task's own defaults for what the command line left unset (policy, augmentation)."""
     if data_args.embedded and training_args.freeze_policy() is None:
-        training_args.freeze = EMBEDDED_POLICY["freeze"]
-        training_args.unfreeze = EMBEDDED_POLICY["unfreeze"]
-        training_args.layer_lr_decay = EMBEDDED_POLICY["layer_lr_decay"]
+        training_args.freeze = EMBEDDED_POLICY.freeze
+        training_args.unfreeze = ",".join(u.to_string() for u in EMBEDDED_POLICY.unfreeze)
+        training_args.layer_lr_decay = EMBEDDED_POLICY.layer_lr_decay
     if data_args.augment is None:
         data_args.augment = EMBEDDED_AUGMENT if data_args.embedded else "crop,flip"
     if data_args.min_crop_scale is None:

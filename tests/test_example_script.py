@@ -19,6 +19,7 @@ from helpers import identical
 from transformers import AutoImageProcessor, AutoModelForImageClassification, EvalPrediction
 
 import hf_freeze
+from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.demo.data import transfer_task, write_imagefolder
 from hf_freeze.demo.pretrain import pretrained_base, torch_threads
 
@@ -174,7 +175,7 @@ def test_embedded_default_runs_without_model_or_data(tmp_path, base, cache, monk
                                 "--per_device_train_batch_size", "16", "--report_to", "none", "--use_cpu",
                                 "--disable_tqdm", "true", "--save_strategy", "no", "--shots_per_class", "5"])
     policy = hf_freeze.FreezePolicy.from_pretrained(out)
-    assert policy.to_string() == "freeze=backbone;unfreeze=epoch3:1@0.5,epoch6:1@0.2;layer_lr_decay=0.8"
+    assert policy.to_string() == DEFAULT_POLICY
     config = json.loads((out / "config.json").read_text())
     assert sorted(config["id2label"].values()) == ["5", "6", "7", "8", "9"]
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["epoch"] == 3.0

@@ -4,8 +4,8 @@
    UCI digits; no download).
 2. Fine-tune it on a few-shot task — digits 5-9, 10 images per class — with a freeze policy: backbone
    frozen (BatchNorm in inference mode), new head, then gradual unfreezing at smaller learning rates.
-3. Verify the still-frozen tensors bit for bit, evaluate, and write the model, its policy, the freeze
-   report and the metrics to ``./outputs/demo``.
+3. Verify the still-frozen tensors bit for bit, evaluate, and write the model, its policy, its model card
+   with the training plot, the freeze report, the unfreeze events and the metrics to ``./outputs/demo``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import numpy as np
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_freeze
+from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.demo.data import transfer_task
 from hf_freeze.demo.pretrain import pretrained_base, torch_threads
-
-DEFAULT_POLICY = "freeze=backbone;unfreeze=epoch3:1@0.5,epoch6:1@0.2;layer_lr_decay=0.8"
 
 
 def main(argv=None) -> int:
@@ -30,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", default=DEFAULT_POLICY, help="freeze policy string (see README)")
     ap.add_argument("--shots", type=int, default=10, help="training images per class")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--learning_rate", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = Path(a.output_dir)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         ignore_mismatched_sizes=True)
 
     args = hf_freeze.FreezeTrainingArguments(
-        output_dir=str(out / "run"), num_train_epochs=a.epochs, per_device_train_batch_size=16, learning_rate=3e-3,
+        output_dir=str(out / "model"), num_train_epochs=a.epochs, per_device_train_batch_size=16, learning_rate=a.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.01, eval_strategy="epoch", save_strategy="no",
         logging_strategy="epoch", report_to=[], remove_unused_columns=False, use_cpu=True, seed=a.seed,
         dataloader_num_workers=0)
@@ -77,12 +77,15 @@ def main(argv=None) -> int:
     print(report)
     print(f"   still-frozen tensors bit-identical: yes ({report.fingerprinted} checked)")
     print(f"   validation accuracy: {metrics['eval_accuracy']:.3f} on {len(val)} images")
-    trainer.save_model(str(out / "model"))
+    trainer.save_model()
     processor.save_pretrained(out / "model")
+    trainer.create_model_card(finetuned_from=str(base), dataset_name="scikit-learn digits 5-9 (few-shot)",
+                              model_name="hf-freeze-demo")
     (out / "freeze_report.txt").write_text(str(report) + "\n")
-    (out / "metrics.json").write_text(json.dumps({**metrics, "events": trainer.freeze_callback.events_log}, indent=2))
-    print(f"   wrote {out / 'model'} (weights, config.json with the policy, freeze_policy.json), "
-          f"{out / 'freeze_report.txt'}, {out / 'metrics.json'}")
+    (out / "freeze_events.json").write_text(json.dumps(trainer.freeze_callback.events_log, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"   wrote {out / 'model'} (weights, config.json with the policy, freeze_policy.json, README.md model card, "
+          f"training_curves.png), {out / 'freeze_report.txt'}, {out / 'freeze_events.json'}, {out / 'metrics.json'}")
     return 0
 
 
