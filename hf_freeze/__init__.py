@@ -21,3 +21,7 @@ from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained  
 
 __all__ += ["FreezeArguments", "FreezeCallback", "FreezeTrainer", "FreezeTrainerMixin", "FreezeTrainingArguments",
             "policy_from_pretrained"]
+
+from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter  # noqa: E402
+
+__all__ += ["AdapterConfig", "AdapterPlan", "add_adapter", "load_adapter", "save_adapter"]
