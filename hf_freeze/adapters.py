@@ -280,14 +280,15 @@ class AdapterPlan:
 
 
 def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozenset[str],
-                        adaptable: set[str]) -> list[str]:
+                        layers: list[tuple[str, str, str | None]]) -> list[str]:
     """The groups ``config`` names, validated: known, not the head, fully frozen by the policy.
 
-    ``adaptable``: the groups holding at least one layer an adapter can go on; ``N`` counts only those
-    (the last N *adaptable* groups before the head), an explicitly named group must be one.
+    ``layers``: :func:`adaptable_layers`. ``N`` counts only the groups holding a layer an adapter can
+    go on (the last N such groups before the head); named groups must hold one between them.
     """
     from .policy import _group_range
 
+    adaptable = {g for _, g, why in layers if why is None}
     names = groups.names
     backbone = [n for n in names if n != HEAD]
     g = config.groups
@@ -310,8 +311,9 @@ def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozen
                 raise FreezePolicyError(f"adapter groups: unknown group {sel!r}; groups are {names}")
         chosen = [n for n in names if n in picked]
         if HEAD not in chosen and not any(n in adaptable for n in chosen):
-            raise FreezePolicyError(f"adapter groups {chosen} hold no layer an adapter can go on (nn.Linear/nn.Conv2d, "
-                                    f"see hf_freeze.adapters); groups that do: {[n for n in backbone if n in adaptable]}")
+            why = next((f"{n}: {w}" for n, g, w in layers if g in chosen), "they hold no nn.Linear/nn.Conv2d")
+            raise FreezePolicyError(f"adapter groups {chosen} hold no layer an adapter can go on ({why}); groups "
+                                    f"that do: {[n for n in backbone if n in adaptable]}")
         chosen = [n for n in chosen if n in adaptable or n == HEAD]
     if HEAD in chosen:
         raise FreezePolicyError("adapter groups include 'head': the head is trained whole (saved with the adapter as "
@@ -353,35 +355,29 @@ def adaptable_layers(model: nn.Module, groups) -> list[tuple[str, str, str | Non
 
 
 def modules_to_save(model: nn.Module, trainable: set[str], extra: list[str]) -> list[str]:
-    """Largest modules whose parameters are all in ``trainable``, plus ``extra`` modules not inside one of them.
+    """The modules owning ``trainable`` parameters (outermost first, none inside another), then ``extra`` ones.
 
-    Raises FreezePolicyError when a trainable parameter shares its module with a frozen one (PEFT saves
-    whole modules).
+    Owners rather than whole containers (``classifier.1``, not ``classifier``): PEFT's LoHa/LoKr
+    ``merge_and_unload`` needs a saved module to have a ``weight``. Raises FreezePolicyError when an
+    owner also holds frozen parameters (PEFT saves whole modules).
     """
-    total: dict[str, int] = {}
-    open_: dict[str, int] = {}
-    for name, _ in named_base_parameters(model):
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            total[prefix] = total.get(prefix, 0) + 1
-            open_[prefix] = open_.get(prefix, 0) + (name in trainable)
+    params = [n for n, _ in named_base_parameters(model)]
+    owners = {n.rpartition(".")[0] for n in trainable}
     chosen: list[str] = []
 
     def inside(name: str) -> bool:
         return any(name == c or name.startswith(c + ".") for c in chosen)
 
     for name, _ in named_base_modules(model):
-        if name and total.get(name) and total[name] == open_[name] and not inside(name):
+        if name in owners and not inside(name):
+            frozen = [n for n in params if n.startswith(f"{name}.") and n not in trainable] if name else [""]
+            if frozen:
+                raise FreezePolicyError(
+                    f"module {name!r} holds parameters this policy trains and frozen ones ({frozen[0]!r}); with an "
+                    "adapter, trainable parameters are saved as whole-module copies (peft modules_to_save): freeze "
+                    "or train whole modules (group names, not parameter globs)")
             chosen.append(name)
-    for name in trainable:
-        if not inside(name.rpartition(".")[0]):
-            raise FreezePolicyError(
-                f"parameter {name!r} is trainable under this policy but its module {name.rpartition('.')[0]!r} also "
-                "holds frozen parameters; with an adapter, trainable parameters are saved as whole-module copies "
-                "(peft modules_to_save): freeze or train whole modules (group names, not parameter globs)")
-    chosen += [e for e in extra if not inside(e)]
-    return chosen
+    return chosen + [e for e in extra if not inside(e)]
 
 
 def _check_peft_matching(model: nn.Module, plan: AdapterPlan) -> None:
@@ -408,7 +404,7 @@ def resolve_adapter(policy, groups, plan, model: nn.Module) -> AdapterPlan:
 
     config = policy.adapter
     layers = adaptable_layers(model, groups)
-    chosen = adapter_group_names(config, groups, plan.frozen_params, {g for _, g, why in layers if why is None})
+    chosen = adapter_group_names(config, groups, plan.frozen_params, layers)
     targets = [n for n, g, why in layers if g in chosen and why is None]
     skipped = [(n, why) for n, g, why in layers if g in chosen and why is not None]
     all_params = {n for g in groups for n in g.param_names}
