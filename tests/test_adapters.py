@@ -1,20 +1,34 @@
 """PEFT adapters instead of unfreezing: config, target resolution by group, Trainer runs, save/reload/merge, report."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyImages, identical, model_state, same_state, snapshot, tiny_model, training_args
+from helpers import FASHION_MNIST, TinyImages, identical, model_state, same_state, snapshot, tiny_model, training_args
 from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
 from safetensors import safe_open
+from test_multiprocess import free_port
 from torch import nn
-from transformers import HfArgumentParser, Trainer, TrainerCallback
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainerCallback
 
 import hf_freeze
-from hf_freeze import (AdapterConfig, FreezeCallback, FreezePolicy, FreezePolicyError, FreezeTrainer,
-                       FreezeTrainingArguments, FrozenWeightsChanged)
+from hf_freeze import (
+    AdapterConfig,
+    FreezeCallback,
+    FreezePolicy,
+    FreezePolicyError,
+    FreezeTrainer,
+    FreezeTrainingArguments,
+    FrozenWeightsChanged,
+)
 from hf_freeze.adapters import expose_conv_geometry, resolve_adapter, skip_reason
 from hf_freeze.groups import ADAPTER, COPY, named_base_tensors, named_peft_parameters, peft_wrappers
+from hf_freeze.testing import fashion_mnist, few_shot_indices
 from hf_freeze.tiny import IMAGE_SIZE
 
 
@@ -375,12 +389,6 @@ def test_lora_relatives_save_reload_and_merge(tmp_path, adapter):
 
 @pytest.mark.slow
 def test_real_mobilenet_v2_adapter_run_reloads_and_merges_exactly(tmp_path, mobilenet_v2_path):
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from hf_freeze.testing import fashion_mnist, few_shot_indices
-    from helpers import FASHION_MNIST
-
     def base(seed):  # a new 10-class head, initialised differently each time
         torch.manual_seed(seed)
         return AutoModelForImageClassification.from_pretrained(mobilenet_v2_path, num_labels=10,
@@ -420,13 +428,6 @@ def test_real_mobilenet_v2_adapter_run_reloads_and_merges_exactly(tmp_path, mobi
 
 @pytest.mark.slow
 def test_two_processes_train_identical_adapters_and_keep_the_base(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from test_multiprocess import free_port
-
     script = Path(__file__).parent / "scripts" / "ddp_adapter.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     for _attempt in range(2):  # gloo occasionally aborts at process exit after the work is done
