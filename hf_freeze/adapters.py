@@ -3,7 +3,7 @@
     policy = FreezePolicy(adapter=AdapterConfig("lora", r=8, alpha=16, groups=["stage.2", "stage.3"]))
     model = hf_freeze.add_adapter(model, policy)          # a peft.PeftModel; the base stays bit-identical
     ... FreezeTrainer(model=model, ...)  (or FreezeTrainer(model=plain_model, freeze_policy=policy))
-    model.save_pretrained(folder); policy.save_pretrained(folder)   # FreezeTrainer does both
+    hf_freeze.save_adapter(model, folder)                 # adapter files + freeze_policy.json (FreezeTrainer: save_model)
     model = hf_freeze.load_adapter(base_model, folder)    # same logits; .merge_and_unload() too
 
 How a policy becomes a PEFT config (:func:`resolve_adapter`, checked before anything is changed):
@@ -301,20 +301,21 @@ def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozen
                                     f"with a layer an adapter can go on: {candidates}")
         chosen = candidates[len(candidates) - g:]
     else:
-        picked = set()
+        named, ranged = set(), set()
         for sel in g:
             if sel in names:
-                picked.add(sel)
+                named.add(sel)
             elif ":" in sel:
-                picked.update(_group_range(sel, names))
+                ranged.update(_group_range(sel, names))
             else:
                 raise FreezePolicyError(f"adapter groups: unknown group {sel!r}; groups are {names}")
-        chosen = [n for n in names if n in picked]
-        if HEAD not in chosen and not any(n in adaptable for n in chosen):
-            why = next((f"{n}: {w}" for n, g, w in layers if g in chosen), "they hold no nn.Linear/nn.Conv2d")
-            raise FreezePolicyError(f"adapter groups {chosen} hold no layer an adapter can go on ({why}); groups "
+        empty = [n for n in names if n in named and n not in adaptable and n != HEAD]
+        if empty or not (named | ranged) & (adaptable | {HEAD}):
+            empty = empty or [n for n in names if n in ranged]
+            why = next((f"{layer}: {w}" for layer, grp, w in layers if grp in empty), "no nn.Linear/nn.Conv2d")
+            raise FreezePolicyError(f"adapter groups {empty} hold no layer an adapter can go on ({why}); groups "
                                     f"that do: {[n for n in backbone if n in adaptable]}")
-        chosen = [n for n in chosen if n in adaptable or n == HEAD]
+        chosen = [n for n in names if n in named or (n in ranged and (n in adaptable or n == HEAD))]
     if HEAD in chosen:
         raise FreezePolicyError("adapter groups include 'head': the head is trained whole (saved with the adapter as "
                                 "modules_to_save); put adapters on frozen groups such as "
@@ -368,9 +369,12 @@ def modules_to_save(model: nn.Module, trainable: set[str], extra: list[str]) -> 
     def inside(name: str) -> bool:
         return any(name == c or name.startswith(c + ".") for c in chosen)
 
+    if "" in owners:
+        raise FreezePolicyError(f"trainable parameter(s) {sorted(n for n in trainable if '.' not in n)} sit directly on "
+                                "the model, which PEFT cannot save as a module copy; freeze them")
     for name, _ in named_base_modules(model):
         if name in owners and not inside(name):
-            frozen = [n for n in params if n.startswith(f"{name}.") and n not in trainable] if name else [""]
+            frozen = [n for n in params if n.startswith(f"{name}.") and n not in trainable]
             if frozen:
                 raise FreezePolicyError(
                     f"module {name!r} holds parameters this policy trains and frozen ones ({frozen[0]!r}); with an "

@@ -447,3 +447,21 @@ def test_two_processes_train_identical_adapters_and_keep_the_base(tmp_path):
     reloaded = hf_freeze.load_adapter(tiny_model("resnet", seed=1), tmp_path / "adapter")
     saved = {n: p for n, _, _, p in named_peft_parameters(reloaded)}
     assert saved.keys() == r0["adapter"].keys() and all(identical(saved[n], r0["adapter"][n]) for n in saved)
+
+
+def test_inspect_previews_the_adapter_layers(capsys):
+    from hf_freeze.cli import main
+
+    assert main(["inspect", "tiny:mobilenet_v2", "--policy", "adapter=lora,r=4,groups=2"]) == 0
+    out = capsys.readouterr().out
+    assert "Adapter: lora,r=4,alpha=16,groups=2 on 3 layer(s)" in out
+    assert "No adapter on 1 layer(s) (mobilenet_v2.layer.15.conv_3x3.convolution): grouped/depthwise" in out
+    assert main(["inspect", "tiny:resnet", "--policy", "adapter=lora,groups=head"]) == 2
+    assert "the head is trained whole" in capsys.readouterr().err
+
+
+def test_a_named_group_without_adaptable_layers_is_refused_but_a_range_may_span_one():
+    vit = tiny_model("vit")  # neck = the final LayerNorm
+    with pytest.raises(FreezePolicyError, match=r"adapter groups \['neck'\] hold no layer an adapter can go on"):
+        plan_for(vit, "adapter=lora,groups=stage.1+neck")
+    assert plan_for(vit, "adapter=lora,groups=stage.1:neck").groups == ("stage.1",)
