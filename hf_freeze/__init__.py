@@ -32,3 +32,7 @@ from .model_card import CardConfig, render_model_card, write_model_card  # noqa:
 
 __all__ += ["BaseModelChanged", "CardConfig", "DeltaArguments", "DeltaManifest", "PushFailed", "apply_delta",
             "from_pretrained", "push_folder", "render_model_card", "save_delta", "write_model_card"]
+
+from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter  # noqa: E402
+
+__all__ += ["AdapterConfig", "AdapterPlan", "add_adapter", "load_adapter", "save_adapter"]

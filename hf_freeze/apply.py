@@ -2,6 +2,10 @@
 
 All state lives in one :class:`FreezeState` attached to the (unwrapped) model, so re-applying,
 unfreezing and removing need nothing but the model.
+
+A model wrapped by PEFT (``hf_freeze.add_adapter``) is handled under its unwrapped names: with an
+adapter, every pretrained tensor stays frozen and fingerprinted, buffers included; adapter weights
+and the trained copies of ``modules_to_save`` train.
 """
 
 from __future__ import annotations
@@ -12,8 +16,16 @@ from torch import nn
 
 from . import batchnorm
 from .errors import FreezePolicyError, FrozenWeightsChanged
-from .fingerprint import Fingerprint
-from .groups import LayerGroups, layer_groups, unwrap_model
+from .fingerprint import Fingerprint, named_tensors
+from .groups import (
+    COPY,
+    LayerGroups,
+    layer_groups,
+    named_base_parameters,
+    named_peft_parameters,
+    peft_wrappers,
+    unwrap_model,
+)
 from .policy import FreezePlan, FreezePolicy, resolve
 
 STATE_ATTR = "_hf_freeze_state"
@@ -31,6 +43,8 @@ class FreezeState:
     #: group name -> (when it was unfrozen, lr scale it was unfrozen with)
     unfrozen: dict[str, tuple[str, float]] = field(default_factory=dict)
     events_done: int = 0
+    #: the resolved PEFT adapter (hf_freeze.adapters.AdapterPlan) when the policy has one
+    adapter: object | None = None
 
     def group_frozen(self, group: str) -> bool:
         return bool(self.frozen & set(self.groups[group].param_names))
@@ -66,12 +80,34 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     policy = FreezePolicy.coerce(policy)
     groups = layer_groups(model)
     plan = resolve(policy, groups)
+    adapter = _check_adapter(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
     state = FreezeState(policy, plan, groups,
-                        original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+                        original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+                        adapter=adapter)
     setattr(model, STATE_ATTR, state)
     set_frozen(model, plan.frozen_params)
     return freeze_report(model)
+
+
+def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan):
+    """The resolved adapter plan (None without an adapter); the model must carry exactly that PEFT adapter."""
+    from . import adapters
+
+    wrapped = bool(peft_wrappers(model))
+    if policy.adapter is None:
+        if wrapped:
+            raise FreezePolicyError("the model carries a PEFT adapter but the policy has none; give the policy the "
+                                    "adapter (FreezePolicy(adapter=...)), or apply the policy to the model before "
+                                    "wrapping it")
+        return None
+    adapter = adapters.resolve_adapter(policy, groups, plan, model)
+    if not wrapped:
+        raise FreezePolicyError(f"policy {policy.to_string()!r} has an adapter: wrap the model with "
+                                "hf_freeze.add_adapter(model, policy) (it returns the peft.PeftModel), or use "
+                                "FreezeTrainer(freeze_policy=...), which does that")
+    adapters.check_wrapped(model, adapter)
+    return adapter
 
 
 def set_frozen(model: nn.Module, frozen: set[str] | frozenset[str], *, refingerprint: bool = True) -> None:
@@ -79,13 +115,21 @@ def set_frozen(model: nn.Module, frozen: set[str] | frozenset[str], *, refingerp
 
     ``refingerprint``: take a new fingerprint of the frozen tensors (on apply); otherwise the existing
     one only forgets the tensors that are no longer frozen, so an earlier violation is not hidden.
+    With an adapter every pretrained tensor is frozen and tracked (what trains is adapter weights and
+    the copies of the trainable modules); copies of frozen tensors (BatchNorm saved for its
+    statistics under ``train_bn``) keep their weights frozen.
     """
     model = unwrap_model(model)
     state = require_state(model)
     state.frozen = set(frozen)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n not in state.frozen)
+    for n, p in named_base_parameters(model):
+        p.requires_grad_(state.adapter is None and n not in state.frozen)
+    for _, base, role, p in named_peft_parameters(model):
+        if role == COPY and base in state.frozen:
+            p.requires_grad_(False)
     tracked = _sync_norms(model, state)
+    if state.adapter is not None:
+        tracked = set(named_tensors(model))
     if refingerprint:
         state.fingerprint = Fingerprint.take(model, sorted(tracked))
     else:
@@ -117,6 +161,9 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
     """Make ``group_names`` trainable (BatchNorm back to normal mode); returns the parameter names unfrozen."""
     model = unwrap_model(model)
     state = require_state(model)
+    if state.adapter is not None:
+        raise FreezePolicyError(f"cannot unfreeze {list(group_names)}: policy {state.policy.to_string()!r} trains an "
+                                "adapter and keeps every pretrained tensor frozen")
     unknown = [g for g in group_names if g not in state.groups.names]
     if unknown:
         raise FreezePolicyError(f"unknown group(s) {unknown}; groups are {state.groups.names}")
@@ -128,7 +175,9 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
 
 
 def remove_policy(model: nn.Module) -> None:
-    """Undo :func:`apply_policy`: original ``requires_grad`` flags and normal BatchNorm behaviour."""
+    """Undo :func:`apply_policy`: original ``requires_grad`` flags and normal BatchNorm behaviour.
+
+    A PEFT adapter stays in place (``peft_model.unload()`` removes it)."""
     model = unwrap_model(model)
     state = get_state(model)
     if state is None:

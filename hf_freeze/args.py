@@ -2,6 +2,7 @@
 
     parser = HfArgumentParser((ModelArguments, FreezeTrainingArguments))
     ... --freeze backbone --unfreeze epoch2:1@0.1,epoch4:2@0.01 --train_bn --layer_lr_decay 0.8
+    ... --adapter lora --lora_r 8 --lora_alpha 16 --lora_dropout 0.0 --adapter_groups stage.2+stage.3
     trainer = FreezeTrainer(model=model, args=training_args, ...)   # picks the policy from the args
 """
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .adapters import AdapterConfig
+from .errors import FreezePolicyError
 from .policy import FreezePolicy, Unfreeze
 
 
@@ -39,18 +42,46 @@ class FreezeArguments:
         "help": "Folder of the on-disk feature cache (default: $HF_FREEZE_CACHE/features or ~/.cache/hf_freeze/features)."})
     freeze_policy_file: str | None = field(default=None, metadata={
         "help": "Read the whole policy from a freeze_policy.json (file or folder) instead of the flags above."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "Train a PEFT adapter on the frozen groups instead of unfreezing them: 'lora', 'loha' or 'lokr', "
+                "optionally with options ('lora,use_dora=true'). The head trains whole and is saved with the adapter."})
+    lora_r: int | None = field(default=None, metadata={"help": "Adapter rank (default 8)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "Adapter alpha (default 16)."})
+    lora_dropout: float | None = field(default=None, metadata={
+        "help": "Adapter dropout (default 0.0; LoRA's lora_dropout, LoHa/LoKr's rank_dropout)."})
+    adapter_groups: str | None = field(default=None, metadata={
+        "help": "Groups that get adapters: 'backbone' (default: all but the head), N (the last N before the head), "
+                "or names/ranges joined by '+' or ',' (stage.2+stage.3, stage.1:neck)."})
 
     def freeze_policy(self) -> FreezePolicy | None:
         """The FreezePolicy these arguments describe, or None when no freeze flag was given."""
         if self.freeze_policy_file:
             return FreezePolicy.from_pretrained(self.freeze_policy_file)
         given = (self.freeze is not None or bool(self.unfreeze) or self.train_bn or self.layer_lr_decay is not None
-                 or not self.verify_frozen)
+                 or not self.verify_frozen or self.adapter_config() is not None)
         if not given:
             return None
         events = [Unfreeze.from_string(e) for e in (self.unfreeze or "").split(",") if e.strip()]
         return FreezePolicy(freeze=self.freeze or "backbone", unfreeze=events, train_bn=self.train_bn,
-                            layer_lr_decay=self.layer_lr_decay, verify=self.verify_frozen)
+                            layer_lr_decay=self.layer_lr_decay, verify=self.verify_frozen, adapter=self.adapter_config())
+
+    def adapter_config(self) -> AdapterConfig | None:
+        """The adapter the flags describe (``--adapter`` plus the ``--lora_*``/``--adapter_groups`` flags), or None."""
+        flags = {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                 "groups": self.adapter_groups.replace(",", "+") if self.adapter_groups else None}
+        flags = {k: v for k, v in flags.items() if v is not None}
+        if not self.adapter:
+            if flags:
+                names = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "groups": "--adapter_groups"}
+                raise FreezePolicyError(f"{', '.join(names[k] for k in flags)} given without --adapter "
+                                        "(e.g. --adapter lora)")
+            return None
+        config = AdapterConfig.from_string(self.adapter)
+        base = AdapterConfig.from_string(config.method)
+        clash = [k for k in flags if getattr(config, k) != getattr(base, k)]
+        if clash:
+            raise FreezePolicyError(f"--adapter {self.adapter!r} already sets {clash}; give each value once")
+        return AdapterConfig.from_dict({**config.to_dict(), **flags})
 
 
 @dataclass

@@ -19,8 +19,11 @@ def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def stat_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose forward updates running statistics in training mode (BatchNorm*, SyncBatchNorm, ...)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _NormBase) and m.track_running_stats}
+    """Modules whose forward updates running statistics in training mode (BatchNorm*, SyncBatchNorm, ...);
+    inside a PEFT-wrapped model, the pretrained ones under their unwrapped names."""
+    from .groups import named_base_modules
+
+    return {n: m for n, m in named_base_modules(model) if isinstance(m, _NormBase) and m.track_running_stats}
 
 
 def lock_eval(module: nn.Module) -> None:

@@ -28,7 +28,13 @@ def _inspect(args) -> int:
         policy = FreezePolicy.from_string(args.policy) if args.policy else FreezePolicy(freeze=args.freeze)
         model = build_classifier(args.model)
         groups = layer_groups(model)
-        report = apply_policy(model, policy)
+        if policy.adapter is None:
+            report = apply_policy(model, policy)
+        else:  # preview which layers get adapters (on the meta device: nothing is allocated)
+            from .adapters import add_adapter
+            from .report import freeze_report
+
+            report = freeze_report(add_adapter(model, policy))
     except (FreezePolicyError, UnsupportedModelError, KeyError, OSError) as e:
         print(f"hf-freeze: error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .apply import get_state
-from .groups import unwrap_model
+from .groups import peft_wrappers, unwrap_model
 
 logger = logging.getLogger(__name__)
 INDEX_KEY = "_hf_freeze_index"
@@ -58,6 +58,8 @@ def refusal(model: nn.Module, dataset, args) -> str | None:
         return f"group(s) {trainable} below the head are trainable, so backbone features change every step"
     if state.policy.train_bn:
         return "train_bn=True: frozen BatchNorm layers update their statistics in every forward pass"
+    if getattr(state.policy, "adapter", None) is not None or peft_wrappers(model):
+        return "adapters (PEFT) train inside the backbone, so its features change every step"
     found = backbone_module(model)
     if found is None:
         return "the backbone is not one module separate from the head (the head lives inside it, or it is split)"

@@ -27,9 +27,10 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = dict(model.named_parameters())
-    out.update(model.named_buffers())
-    return out
+    """Parameters and buffers by name; inside a PEFT-wrapped model, the pretrained ones under their unwrapped names."""
+    from .groups import named_base_tensors
+
+    return named_base_tensors(model)
 
 
 @dataclass

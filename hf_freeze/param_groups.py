@@ -3,7 +3,8 @@
 One group per (layer group, decay / no decay); each carries ``lr = base_lr x scale`` where the scale is
 the layer-decay factor times the ``lr_scale`` the group is (or will be) unfrozen with. Every tensor that
 will ever train is included from the start — frozen ones simply have no gradient yet — so unfreezing
-needs no ``add_param_group`` and a resumed run has the same optimizer layout.
+needs no ``add_param_group`` and a resumed run has the same optimizer layout. With a PEFT adapter the
+groups hold the adapter weights and trained copies of each layer group.
 """
 
 from __future__ import annotations
@@ -33,14 +34,24 @@ def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: f
     """Parameter groups for ``torch.optim`` built from the model's :class:`~hf_freeze.apply.FreezeState`."""
     params = dict(model.named_parameters())
     decay = decay_parameter_names(model)
-    keep = ever_trainable(state)
+    members = _members(model, state)
     groups = []
     for g in state.groups:
         scale = state.group_lr_scale(g.name)
         for with_decay in (True, False):
-            names = [n for n in g.param_names if n in keep and (n in decay) == with_decay]
+            names = [n for n in members[g.name] if (n in decay) == with_decay]
             if names:
                 groups.append({"params": [params[n] for n in names], "lr": base_lr * scale, "lr_scale": scale,
                                "weight_decay": weight_decay if with_decay else 0.0,
                                "name": f"{g.name}/{'decay' if with_decay else 'no_decay'}"})
     return groups
+
+
+def _members(model: nn.Module, state) -> dict[str, list[str]]:
+    """Per layer group, the names of the parameters that train now or later (adapter weights, with an adapter)."""
+    if state.adapter is not None:
+        from .adapters import adapter_params_by_group
+
+        return {g: [n for n, p in ps if p.requires_grad] for g, ps in adapter_params_by_group(model, state.groups).items()}
+    keep = ever_trainable(state)
+    return {g.name: [n for n in g.param_names if n in keep] for g in state.groups}

@@ -10,12 +10,15 @@ Compact string form (fields separated by ``;``; a bare value is the ``freeze`` f
     freeze=stem:stage.2;train_bn=false
     freeze=backbone;unfreeze=epoch2:1@0.1,epoch4:2@0.01;layer_lr_decay=0.8
     freeze=*.normalization.*,stem;unfreeze=step100:stage.3+neck
+    freeze=backbone;adapter=lora,r=8,alpha=16,groups=stage.2+stage.3
 
 ``freeze``:   ``backbone`` | ``none`` | ``N`` (the first N groups) | comma-separated selectors:
               a group name (``stage.3``), an inclusive range (``stem:stage.2``) or a parameter-name
               glob (``*.bn*``, ``vit.layers.0.*``).
 ``unfreeze``: comma-separated events ``epochE:GROUPS[@LR_SCALE]`` or ``stepS:GROUPS[@LR_SCALE]``;
               GROUPS is a number (the next N frozen groups nearest the head) or names joined by ``+``.
+``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
+              (see :mod:`hf_freeze.adapters`; no unfreeze schedule with an adapter).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapters import AdapterConfig
 from .errors import FreezePolicyError
 
 POLICY_FILE = "freeze_policy.json"
@@ -120,8 +124,11 @@ class FreezePolicy:
     unfreeze: list[Unfreeze] = field(default_factory=list)
     layer_lr_decay: float | None = None
     verify: bool = True
+    #: PEFT adapter trained on frozen groups (AdapterConfig, dict, adapter string or peft config); None: no adapter
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self):
+        self.adapter = AdapterConfig.coerce(self.adapter)
         if isinstance(self.freeze, tuple):
             self.freeze = list(self.freeze)
         if isinstance(self.freeze, str):
@@ -162,6 +169,9 @@ class FreezePolicy:
             times = [getattr(u, unit) for u in self.unfreeze if getattr(u, unit) is not None]
             if any(b <= a for a, b in zip(times, times[1:])):
                 problems.append(f"unfreeze events must be listed in time order ({unit} values {times} are not increasing)")
+        if self.adapter is not None and self.unfreeze:
+            problems.append("an adapter keeps the pretrained weights frozen and trains adapters instead, so it takes "
+                            f"no unfreeze schedule (got {[u.to_string() for u in self.unfreeze]}); choose one")
         if problems:
             raise FreezePolicyError("invalid FreezePolicy: " + "; ".join(problems))
 
@@ -173,9 +183,12 @@ class FreezePolicy:
         return decay or any(u.lr_scale != 1.0 for u in self.unfreeze)
 
     def to_dict(self) -> dict:
-        return {"version": POLICY_VERSION, "freeze": self.freeze, "train_bn": self.train_bn,
-                "unfreeze": [u.to_dict() for u in self.unfreeze], "layer_lr_decay": self.layer_lr_decay,
-                "verify": self.verify}
+        d = {"version": POLICY_VERSION, "freeze": self.freeze, "train_bn": self.train_bn,
+             "unfreeze": [u.to_dict() for u in self.unfreeze], "layer_lr_decay": self.layer_lr_decay,
+             "verify": self.verify}
+        if self.adapter is not None:
+            d["adapter"] = self.adapter.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> FreezePolicy:
@@ -201,6 +214,8 @@ class FreezePolicy:
             parts.append(f"layer_lr_decay={_num(self.layer_lr_decay)}")
         if not self.verify:
             parts.append("verify=false")
+        if self.adapter is not None:
+            parts.append(f"adapter={self.adapter.to_string()}")
         return ";".join(parts)
 
     __str__ = to_string
@@ -282,6 +297,8 @@ def _parse_field(key: str, value: str) -> Any:
             return float(value)
         except ValueError:
             raise FreezePolicyError(f"layer_lr_decay={value!r}: expected a number in (0, 1]") from None
+    if key == "adapter":
+        return None if value.lower() in ("none", "") else AdapterConfig.from_string(value)
     return value  # unknown keys are reported by _from_dict
 
 

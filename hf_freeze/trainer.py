@@ -12,11 +12,12 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
+from .adapters import add_adapter
 from .apply import get_state
 from .callback import CONFIG_KEY, FreezeCallback
 from .delta import DELTA_MANIFEST, DELTA_WEIGHTS, FULL_WEIGHTS, apply_delta, is_delta, remove_weights, save_delta
 from .errors import FreezePolicyError
-from .groups import unwrap_model
+from .groups import peft_wrappers, unwrap_model
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
 from .param_groups import freeze_param_groups
@@ -30,6 +31,8 @@ class FreezeTrainerMixin:
 
     ``freeze_policy``: a FreezePolicy, dict or policy string; default: the one carried by
     ``FreezeTrainingArguments``, else the one recorded in the model's config, else ``backbone``.
+    A policy with an adapter wraps a plain model with :func:`hf_freeze.add_adapter` first; the Trainer
+    then trains and saves the ``peft.PeftModel`` (adapter files + ``freeze_policy.json``).
     """
 
     def __init__(self, *args, freeze_policy: FreezePolicy | dict | str | None = None, feature_cache: str | None = None,
@@ -37,6 +40,12 @@ class FreezeTrainerMixin:
         training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         policy = _pick_policy(freeze_policy, training_args, model)
+        if model is not None and policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
+            model = add_adapter(model, policy)
+            if "model" in kwargs or not args:
+                kwargs["model"] = model
+            else:
+                args = (model, *args[1:])
         self.freeze_callback = FreezeCallback(policy, _param_groups=True)
         kwargs["callbacks"] = [self.freeze_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
@@ -132,6 +141,8 @@ class FreezeTrainerMixin:
         from_args = getattr(self.args, "freeze_policy", None)
         if trial is not None and callable(from_args) and from_args() is not None:
             self.freeze_callback.policy = from_args()  # a search trial set the freeze fields on the args
+        if self.freeze_policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
+            model = add_adapter(model, self.freeze_policy)
         self.freeze_callback.setup(model, self.args)
         return model
 
