@@ -146,8 +146,9 @@ def _sync_norms(model: nn.Module, state: FreezeState) -> set[str]:
         own = [prefix + p for p, _ in module.named_parameters(recurse=False)]
         buffers = {prefix + b for b, _ in module.named_buffers(recurse=False)}
         frozen_here = all(n in state.frozen for n in own) if own else any(group_of.get(b) in fully_frozen for b in buffers)
-        if frozen_here and not state.policy.train_bn:
-            batchnorm.lock_eval(module)
+        unfrozen_here = any(group_of.get(b) in state.unfrozen for b in buffers)
+        if (frozen_here and not state.policy.train_bn) or (unfrozen_here and not state.policy.unfreeze_bn):
+            batchnorm.lock_eval(module)  # frozen, or unfrozen with its statistics kept: inference mode
             tracked |= buffers
         else:
             if batchnorm.is_locked(module):
@@ -158,7 +159,11 @@ def _sync_norms(model: nn.Module, state: FreezeState) -> set[str]:
 
 
 def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_scale: float = 1.0) -> list[str]:
-    """Make ``group_names`` trainable (BatchNorm back to normal mode); returns the parameter names unfrozen."""
+    """Make ``group_names`` trainable; returns the parameter names unfrozen.
+
+    Their BatchNorm layers stay in inference mode (statistics kept, still verified) unless the policy
+    sets ``unfreeze_bn``; their affine weights train either way.
+    """
     model = unwrap_model(model)
     state = require_state(model)
     if state.adapter is not None:

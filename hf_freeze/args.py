@@ -30,6 +30,9 @@ class FreezeArguments:
                 "is N (next N frozen groups nearest the head) or names joined by '+'. Example: epoch2:1@0.1,epoch4:2@0.01"})
     train_bn: bool = field(default=False, metadata={
         "help": "Let BatchNorm layers in frozen groups update their statistics (default: they stay in inference mode)."})
+    unfreeze_bn: bool = field(default=False, metadata={
+        "help": "Let BatchNorm layers of groups unfrozen by the schedule use batch statistics again (default: they stay "
+                "in inference mode and keep their pretrained statistics; their weights still train)."})
     layer_lr_decay: float | None = field(default=None, metadata={
         "help": "Layer-wise LR decay in (0, 1]: each group nearer the input gets this factor once more (head at the base LR)."})
     verify_frozen: bool = field(default=True, metadata={
@@ -58,12 +61,14 @@ class FreezeArguments:
         if self.freeze_policy_file:
             return FreezePolicy.from_pretrained(self.freeze_policy_file)
         given = (self.freeze is not None or bool(self.unfreeze) or self.train_bn or self.layer_lr_decay is not None
-                 or not self.verify_frozen or self.adapter_config() is not None)
+                 or not self.verify_frozen or self.unfreeze_bn
+                 or self.adapter_config() is not None)
         if not given:
             return None
         events = [Unfreeze.from_string(e) for e in (self.unfreeze or "").split(",") if e.strip()]
         return FreezePolicy(freeze=self.freeze or "backbone", unfreeze=events, train_bn=self.train_bn,
-                            layer_lr_decay=self.layer_lr_decay, verify=self.verify_frozen, adapter=self.adapter_config())
+                            layer_lr_decay=self.layer_lr_decay, verify=self.verify_frozen, unfreeze_bn=self.unfreeze_bn,
+                            adapter=self.adapter_config())
 
     def adapter_config(self) -> AdapterConfig | None:
         """The adapter the flags describe (``--adapter`` plus the ``--lora_*``/``--adapter_groups`` flags), or None."""

@@ -31,12 +31,15 @@ def ever_trainable(state) -> set[str]:
 
 
 def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: float) -> list[dict]:
-    """Parameter groups for ``torch.optim`` built from the model's :class:`~hf_freeze.apply.FreezeState`."""
+    """Parameter groups for ``torch.optim`` built from the model's :class:`~hf_freeze.apply.FreezeState`.
+
+    Head first: the Trainer logs the first group's learning rate, which is then the base schedule.
+    """
     params = dict(model.named_parameters())
     decay = decay_parameter_names(model)
     members = _members(model, state)
     groups = []
-    for g in state.groups:
+    for g in reversed(state.groups):
         scale = state.group_lr_scale(g.name)
         for with_decay in (True, False):
             names = [n for n in members[g.name] if (n in decay) == with_decay]

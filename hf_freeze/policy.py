@@ -15,6 +15,8 @@ Compact string form (fields separated by ``;``; a bare value is the ``freeze`` f
 ``freeze``:   ``backbone`` | ``none`` | ``N`` (the first N groups) | comma-separated selectors:
               a group name (``stage.3``), an inclusive range (``stem:stage.2``) or a parameter-name
               glob (``*.bn*``, ``vit.layers.0.*``).
+``unfreeze_bn``: ``true`` lets the BatchNorm layers of unfrozen groups use batch statistics again
+              (default ``false``: they stay in inference mode; their affine weights still train).
 ``unfreeze``: comma-separated events ``epochE:GROUPS[@LR_SCALE]`` or ``stepS:GROUPS[@LR_SCALE]``;
               GROUPS is a number (the next N frozen groups nearest the head) or names joined by ``+``.
 ``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
@@ -124,6 +126,9 @@ class FreezePolicy:
     unfreeze: list[Unfreeze] = field(default_factory=list)
     layer_lr_decay: float | None = None
     verify: bool = True
+    #: when a group is unfrozen, may its BatchNorm layers switch to batch statistics? False (default, as Keras
+    #: advises for fine-tuning): they stay in inference mode, their affine weights train, their statistics are kept
+    unfreeze_bn: bool = False
     #: PEFT adapter trained on frozen groups (AdapterConfig, dict, adapter string or peft config); None: no adapter
     adapter: AdapterConfig | None = None
 
@@ -159,7 +164,7 @@ class FreezePolicy:
         elif f not in ("backbone", "none"):
             problems.append(f"freeze={f!r}: expected 'backbone', 'none', an int N (the first N groups) or a list "
                             "of group names, ranges ('stem:stage.2') and parameter-name globs ('*.bn*')")
-        for name in ("train_bn", "verify"):
+        for name in ("train_bn", "verify", "unfreeze_bn"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         d = self.layer_lr_decay
@@ -185,7 +190,7 @@ class FreezePolicy:
     def to_dict(self) -> dict:
         d = {"version": POLICY_VERSION, "freeze": self.freeze, "train_bn": self.train_bn,
              "unfreeze": [u.to_dict() for u in self.unfreeze], "layer_lr_decay": self.layer_lr_decay,
-             "verify": self.verify}
+             "verify": self.verify, "unfreeze_bn": self.unfreeze_bn}
         if self.adapter is not None:
             d["adapter"] = self.adapter.to_dict()
         return d
@@ -210,6 +215,8 @@ class FreezePolicy:
             parts.append("train_bn=true")
         if self.unfreeze:
             parts.append("unfreeze=" + ",".join(u.to_string() for u in self.unfreeze))
+        if self.unfreeze_bn:
+            parts.append("unfreeze_bn=true")
         if self.layer_lr_decay is not None:
             parts.append(f"layer_lr_decay={_num(self.layer_lr_decay)}")
         if not self.verify:
@@ -284,7 +291,7 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 def _parse_field(key: str, value: str) -> Any:
     if key == "freeze":
         return value
-    if key in ("train_bn", "verify"):
+    if key in ("train_bn", "verify", "unfreeze_bn"):
         if value.lower() not in _TRUE | _FALSE:
             raise FreezePolicyError(f"{key}={value!r}: expected true or false")
         return value.lower() in _TRUE

@@ -76,14 +76,29 @@ def test_unfreeze_groups_trains_them_from_then_on():
     assert set(unfrozen) == stage1
     report = hf_freeze.freeze_report(model)
     assert report.row("stage.1").state == "trainable" and report.row("stage.1").unfrozen_at == "epoch 1"
-    assert report.row("stage.1").norms == "train" and report.row("stage.0").norms == "eval (locked)"
+    # by default an unfrozen group's BatchNorm keeps its pretrained statistics (inference mode), weights train
+    assert report.row("stage.1").norms == "eval (locked)" and report.row("stage.0").norms == "eval (locked)"
     before = snapshot(model)
     train_steps(model)
     changed = set(changed_names(before, model))
-    assert stage1 & changed
+    assert stage1 & changed and any(".normalization.weight" in n for n in stage1 & changed)
+    assert not any(n.endswith(("running_mean", "running_var")) for n in changed)
     assert hf_freeze.changed_frozen_tensors(model) == []
     with pytest.raises(hf_freeze.FreezePolicyError, match="unknown group"):
         hf_freeze.unfreeze_groups(model, ["stage.8"])
+
+
+def test_unfreeze_bn_lets_unfrozen_batchnorm_use_batch_statistics():
+    model = tiny_model("resnet")
+    hf_freeze.apply_policy(model, "freeze=backbone;unfreeze=epoch1:1;unfreeze_bn=true")
+    hf_freeze.unfreeze_groups(model, ["stage.1"], when="epoch 1")
+    assert hf_freeze.freeze_report(model).row("stage.1").norms == "train"
+    before = snapshot(model)
+    train_steps(model)
+    changed = set(changed_names(before, model))
+    assert any(n.startswith("resnet.encoder.stages.1.") and n.endswith("running_mean") for n in changed)
+    assert not any(n.startswith(("resnet.encoder.stages.0.", "resnet.embedder.")) for n in changed)
+    assert hf_freeze.changed_frozen_tensors(model) == []
 
 
 def test_unfreeze_does_not_hide_an_earlier_violation():
