@@ -12,7 +12,7 @@ model), and the ImageNet-sample top-1 of the trained backbone under its original
     python benchmarks/transfer.py            # full run (21 min on 2 busy shared cores); writes docs/benchmarks.md
     python benchmarks/transfer.py --quick    # 1 seed, 10 images/class, 1 epoch (a smoke run, nothing written to docs/)
 
-Strategies live in ``STRATEGIES``; add one with a new entry (see ``PENDING`` for adapters).
+Strategies live in ``STRATEGIES``; add one with a new entry.
 Skips (exit 0, with the reason) when the shared files are missing.
 """
 
@@ -79,12 +79,14 @@ STRATEGIES: dict[str, Strategy] = {
     "gradual": Strategy("hf_freeze gradual unfreezing", "freeze_trainer", gradual_policy),
     "llrd": Strategy("hf_freeze layer-wise LR decay 0.8, BatchNorm frozen", "freeze_trainer",
                      lambda e: "freeze=*.normalization.*;layer_lr_decay=0.8"),
+    "adapters": Strategy("hf_freeze LoRA r=8 on the last 2 adaptable groups (backbone frozen)", "freeze_trainer",
+                         lambda e: "freeze=backbone;adapter=lora,r=8,alpha=16,groups=2"),
     "lightning": Strategy("Lightning BackboneFinetuning", "lightning", family="peer"),
     # not in the default run: the peer with model.train() at the start, as Lightning's eval-mode warning suggests
     "lightning_train": Strategy("Lightning BackboneFinetuning, model.train()", "lightning_train", family="peer"),
 }
-DEFAULT = ("full", "classic", "head_only", "gradual", "llrd", "lightning")
-PENDING = {"adapters": "LoRA adapters through hf_freeze (issue 4): add a Strategy with its runner when the API lands"}
+DEFAULT = ("full", "classic", "head_only", "gradual", "llrd", "adapters", "lightning")
+PENDING: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -280,6 +282,12 @@ def train(strategy: Strategy, model, dataset, epochs: int, seed: int, workdir: P
         extra["policy"] = trainer.freeze_policy.to_string()
         extra["events"] = [{k: e[k] for k in ("step", "groups", "trainable_params")}
                            for e in trainer.freeze_callback.events_log]
+        if trainer.freeze_policy.adapter is not None:  # the artefact is the adapter folder; then merge for scoring
+            trainer.model.save_pretrained(workdir / "adapter")
+            files = list((workdir / "adapter").glob("*.safetensors"))
+            extra["adapter_bytes"] = sum(f.stat().st_size for f in files)
+            extra["trainable_params_adapter"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            trainer.model.merge_and_unload()  # in place: `model` now holds the merged weights, plain names
     return extra
 
 
@@ -305,9 +313,11 @@ def run_one(strategy: Strategy, shared: Path, shots: int, seed: int, epochs: int
             start = time.perf_counter()
             extra = train(strategy, model, PixelDataset(xt, yt), epochs, seed, workdir)
             seconds = time.perf_counter() - start
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = extra.pop("trainable_params_adapter", None) or sum(p.numel() for p in model.parameters() if p.requires_grad)
         val = accuracy(model, xv, yv)
         full_bytes, delta_bytes, delta_tensors = artefact_bytes(model, pretrained, workdir)
+        if "adapter_bytes" in extra:  # what an adapter run must save: the adapter (LoRA weights + head)
+            delta_bytes = extra.pop("adapter_bytes")
     top1 = imagenet_retained(model, shared / MODEL, processor, shared / IMAGENET)
     return {"strategy": strategy.label, "shots": shots, "seed": seed, "epochs": epochs, "train_images": len(yt),
             "val_images": len(yv), "val_accuracy": val, "train_seconds": seconds,
