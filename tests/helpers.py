@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from hf_freeze.tiny import CFG, IMAGE_SIZE, tiny_model
 
@@ -127,3 +128,14 @@ def group_tensors(model, group: str) -> dict[str, torch.Tensor]:
     g = hf_freeze.layer_groups(model)[group]
     tensors = dict(model.named_parameters())
     return {n: tensors[n].detach().clone() for n in g.param_names}
+
+
+class StopAt(TrainerCallback):
+    """Stop training right after optimizer step ``step`` (an interrupted run, for resume tests)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True

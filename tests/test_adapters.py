@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FASHION_MNIST, TinyImages, identical, model_state, same_state, snapshot, tiny_model, training_args
+from helpers import (
+    FASHION_MNIST,
+    StopAt,
+    TinyImages,
+    identical,
+    model_state,
+    same_state,
+    snapshot,
+    tiny_model,
+    training_args,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors import safe_open
@@ -323,15 +333,6 @@ def test_plain_trainer_with_freeze_callback_trains_and_checkpoints_the_adapter(t
                        logits(wrapped, pixels))
     with pytest.raises(FreezePolicyError, match="hf_freeze.add_adapter"):
         Trainer(model=tiny_model("resnet"), args=training_args(tmp_path), callbacks=[FreezeCallback(policy)])
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resumed_adapter_run_equals_the_uninterrupted_one(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import TinyImages, changed_names, group_tensors, identical, snapshot, tiny_model, training_args
+from helpers import StopAt, TinyImages, changed_names, group_tensors, identical, snapshot, tiny_model, training_args
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import hf_freeze
@@ -126,15 +126,6 @@ def test_hf_argument_parser_flags_drive_the_trainer(tmp_path):
     assert trainer.freeze_policy.to_string() == "freeze=stem:stage.0;train_bn=true;unfreeze=step2:stage.0"
     trainer.train()
     assert hf_freeze.freeze_report(model).row("stage.0").unfrozen_at == "step 2"
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_after_an_unfreeze_equals_the_uninterrupted_run(tmp_path):
