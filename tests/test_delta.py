@@ -37,7 +37,8 @@ def train(model, tmp_path, policy=POLICY, **kw):
 def test_delta_holds_exactly_the_trained_tensors_and_rebuilds_bit_identically(tmp_path):
     base_dir, model = saved_base(tmp_path)
     before = snapshot(model)
-    train(model, tmp_path)  # stage.1 unfreezes at step 3: head + stage.1 (with its BN stats) are trained
+    # stage.1 unfreezes at step 3 with unfreeze_bn: head + stage.1 (weights and BN statistics) are trained
+    train(model, tmp_path, policy=POLICY + ";unfreeze_bn=true")
     manifest = hf_freeze.save_delta(model, tmp_path / "delta")
 
     groups = hf_freeze.layer_groups(model)
@@ -50,6 +51,14 @@ def test_delta_holds_exactly_the_trained_tensors_and_rebuilds_bit_identically(tm
     assert manifest.base_model == str(base_dir.resolve()) and manifest.base_revision is None
     assert json.loads((tmp_path / "delta" / "config.json").read_text())["freeze_policy"]["unfreeze"][0]["at_step"] == 3
     assert not (tmp_path / "delta" / "model.safetensors").exists()
+    # by default (unfreeze_bn=false) the unfrozen group's BN statistics stay pretrained, stay verified, stay out
+    (tmp_path / "d").mkdir()
+    _, plain = saved_base(tmp_path / "d")
+    train(plain, tmp_path / "d")
+    default = hf_freeze.save_delta(plain, tmp_path / "d" / "delta")
+    stats = {n for n in groups["stage.1"].buffer_names if "running" in n}
+    assert stats <= set(default.frozen_digests)
+    assert not stats & set(load_file(tmp_path / "d" / "delta" / DELTA_WEIGHTS))
 
     rebuilt = hf_freeze.from_pretrained(tmp_path / "delta")
     again = snapshot(rebuilt)
