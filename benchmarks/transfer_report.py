@@ -170,7 +170,7 @@ def render(results: dict, notes: str) -> str:
     summary = summarise(results)
     st, m = results["settings"], results["machine"]
     epochs = ", ".join(f"{e} epochs at {s}/class" for s, e in st["epochs"].items())
-    pending = "; ".join(f"{k}: {v}" for k, v in st.get("pending", {}).items())
+    pending = "".join(f"\nPending: {k}: {v}.\n" for k, v in st.get("pending", {}).items())
     return f"""# Benchmarks
 
 ## Transfer: freeze policies vs full fine-tuning vs PyTorch Lightning
@@ -205,10 +205,9 @@ every 10 ms; *peak RSS in training* and *process peak RSS* (`ru_maxrss`, imports
 absolute. *Full checkpoint*: `save_pretrained` safetensors. *Delta to save*: every tensor (parameters and
 buffers) that differs bit-wise from the pretrained model, new head included, as one safetensors file: what
 must be stored next to the public checkpoint to rebuild the fine-tuned model. *ImageNet top-1*: the
-trained backbone loaded into the original 1001-class model, on the 20 ImageNet sample photos.
-
-Pending: {pending}.
-
+trained backbone loaded into the original 1001-class model, on the 20 ImageNet sample photos. For the
+adapter run the delta is the saved adapter folder's weights, and the model is scored after `merge_and_unload()`.
+{pending}
 <!-- NOTES -->
 {notes}
 <!-- /NOTES -->
