@@ -8,7 +8,7 @@ a new 10-way head), differing only in its freeze policy (and, for ``lora_all``, 
 
 * ``head_only``:  ``freeze=backbone``, lr 5e-3 (the baseline the ratios refer to);
 * ``gradual``:    ``freeze=backbone;unfreeze=epoch3:1@0.1,epoch5:1@0.1``, lr 5e-3 (the neck, then
-  stage.15, at a tenth of the LR; their BatchNorm goes back to training mode when unfrozen);
+  stage.15, at a tenth of the LR; their BatchNorm stays in inference mode, the default unfreeze_bn=false);
 * ``lora_2``:     ``adapter=lora,r=8,alpha=16,groups=2``, lr 5e-3 (LoRA on the last two adaptable
   groups: stage.15 and the neck, i.e. the groups ``gradual`` unfreezes; frozen BN stays locked);
 * ``lora_all``:   ``adapter=lora,r=8,alpha=16``, lr 1e-3 (LoRA on every group but the head; at

@@ -434,7 +434,7 @@ def test_two_processes_train_identical_adapters_and_keep_the_base(tmp_path):
     for _attempt in range(2):  # gloo occasionally aborts at process exit after the work is done
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                                "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path)],
-                              capture_output=True, text=True, timeout=300, env=env)
+                              capture_output=True, text=True, timeout=900, env=env)
         if all((tmp_path / f"rank{r}.pt").is_file() for r in (0, 1)):
             break
     assert all((tmp_path / f"rank{r}.pt").is_file() for r in (0, 1)), proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from helpers import MOBILENET_V2
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "hf_freeze.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "hf_freeze.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_inspect_tiny_type_previews_a_policy():

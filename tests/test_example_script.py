@@ -137,7 +137,7 @@ def evaluate_saved(out: Path, validation: Path) -> float:
 def test_single_process_run_trains_evaluates_and_saves(tmp_path, base, folders, cache):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(SCRIPT), *cli_args(base, folders, out)], capture_output=True,
-                          text=True, timeout=300, env=env(cache), cwd=tmp_path)
+                          text=True, timeout=900, env=env(cache), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = check_saved_run(out, base)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == EPOCHS * TRAIN_IMAGES // BATCH
@@ -156,7 +156,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, base, folders, cache):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
            "127.0.0.1", "--main_process_port", str(free_port()), str(SCRIPT), *cli_args(base, folders, out)]
     for _attempt in range(2):  # gloo occasionally aborts at process exit after the work is done
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env(cache), cwd=tmp_path)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env(cache), cwd=tmp_path)
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -24,7 +24,7 @@ def torchrun(tmp_path, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(SCRIPT), str(tmp_path), *extra]
     for _attempt in range(2):  # gloo occasionally aborts at process exit after the work is done
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
         if proc.returncode == 0 or all((tmp_path / f"rank{r}.pt").is_file() for r in (0, 1)):
             break
     assert all((tmp_path / f"rank{r}.pt").is_file() for r in (0, 1)), proc.stdout[-3000:] + proc.stderr[-3000:]

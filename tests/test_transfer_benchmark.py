@@ -17,7 +17,7 @@ import transfer  # noqa: E402
 
 def test_skips_with_the_reason_when_shared_files_are_missing(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "transfer.py"), "--shared", str(tmp_path),
-                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transfer benchmark skipped: shared files not found" in proc.stdout
     assert str(tmp_path / "models" / "mobilenet_v2_1.0_224-imagenet" / "model.safetensors") in proc.stdout
