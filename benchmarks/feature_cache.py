@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, set_seed
 
 import hf_freeze
+from hf_freeze.metrics import classification_metrics as accuracy
 from hf_freeze.testing import FASHION_MNIST_CLASSES, fashion_mnist, few_shot_indices, shared_dir
 
 
@@ -58,10 +59,6 @@ def datasets_for(root, shots, val_size, seed, processor, size):
         return {"pixel_values": px, "labels": batch["label"]}
 
     return make(images, labels, train_idx).with_transform(to_inputs), make(test_images, test_labels, val_idx).with_transform(to_inputs)
-
-
-def accuracy(pred):
-    return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
 
 def model_init_for(path):

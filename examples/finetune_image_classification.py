@@ -25,7 +25,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from datasets import DatasetDict, load_dataset
@@ -35,6 +34,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 import hf_freeze
 from hf_freeze import FreezeTrainer, FreezeTrainingArguments
 from hf_freeze.demo import DEFAULT_POLICY
+from hf_freeze.metrics import classification_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -248,15 +248,7 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def compute_metrics(eval_pred) -> dict[str, float]:
-    """Accuracy, plus top-5 accuracy when there are more than 5 classes. Computed locally (no Hub)."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    metrics = {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-    if logits.shape[-1] > 5:
-        top5 = np.argsort(-logits, axis=-1)[:, :5]
-        metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=-1).mean())
-    return metrics
+compute_metrics = classification_metrics  # accuracy (+ top-5 beyond 5 classes), computed locally
 
 
 # ---------------------------------------------------------------------------------------------- model

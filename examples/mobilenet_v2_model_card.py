@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_freeze
+from hf_freeze.metrics import classification_metrics as accuracy
 from hf_freeze.testing import FASHION_MNIST_CLASSES, fashion_mnist, few_shot_indices, shared_dir
 
 POLICY = "freeze=backbone;unfreeze=epoch2:neck@0.1"
@@ -49,8 +50,6 @@ class FashionImages(torch.utils.data.Dataset):
                 "labels": int(self.labels[i])}
 
 
-def accuracy(pred):
-    return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
 
 def main(argv=None) -> int:

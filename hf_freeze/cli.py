@@ -72,10 +72,10 @@ def _image_datasets(args, processor):
 
 
 def _search(args) -> int:
-    import numpy as np
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from .args import FreezeTrainingArguments
+    from .metrics import classification_metrics
     from .search import FreezeSearchSpace, search_freeze_policies
     from .trainer import FreezeTrainer
 
@@ -95,15 +95,12 @@ def _search(args) -> int:
             model_path, num_labels=len(names), id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
 
-    def accuracy(pred):
-        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
-
     training_args = FreezeTrainingArguments(
         output_dir=str(Path(args.output_dir) / "trials"), num_train_epochs=args.epochs, learning_rate=args.learning_rate,
         per_device_train_batch_size=args.batch_size, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch",
         report_to=[], remove_unused_columns=False, seed=args.seed, disable_tqdm=True)
     trainer = FreezeTrainer(model_init=model_init, args=training_args, train_dataset=train, eval_dataset=val,
-                            compute_metrics=accuracy)
+                            compute_metrics=classification_metrics)
     space = FreezeSearchSpace(freeze=args.freeze_choices.split(","), schedule=args.schedules.split(","),
                               lr_scale=[float(x) for x in args.lr_scales.split(",")],
                               train_bn=[x.lower() == "true" for x in args.train_bn_choices.split(",")])

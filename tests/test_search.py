@@ -4,16 +4,12 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from helpers import TinyImages, tiny_model, training_args
 
 import hf_freeze
 from hf_freeze import FreezeSearchSpace, FreezeTrainer, search_freeze_policies
-
-
-def accuracy(pred):
-    return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+from hf_freeze.metrics import classification_metrics as accuracy
 
 
 def test_search_over_four_policies_ranks_them_and_saves_the_best(tmp_path):

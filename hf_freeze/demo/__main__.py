@@ -14,13 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_freeze
 from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.demo.data import transfer_task
 from hf_freeze.demo.pretrain import pretrained_base, torch_threads
+from hf_freeze.metrics import classification_metrics
 
 
 def main(argv=None) -> int:
@@ -57,11 +57,8 @@ def main(argv=None) -> int:
         logging_strategy="epoch", report_to=[], remove_unused_columns=False, use_cpu=True, seed=a.seed,
         dataloader_num_workers=0)
 
-    def accuracy(pred):
-        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
-
     trainer = hf_freeze.FreezeTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-                                      compute_metrics=accuracy, freeze_policy=a.policy)
+                                      compute_metrics=classification_metrics, freeze_policy=a.policy)
     print("== 3. freeze report at the start")
     print(hf_freeze.freeze_report(model))
     with torch_threads(1):  # small model: one thread is fastest and reproducible on shared cores
