@@ -17,12 +17,12 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Ankle boot"]
 
 
-def shared_dir(default: str | os.PathLike | None = None) -> Path:
-    """``$HF_FREEZE_SHARED``, else ``default``, else ``../shared`` next to the project checkout."""
+def shared_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """``explicit`` when given, else ``$HF_FREEZE_SHARED``, else ``../shared`` next to the project checkout."""
+    if explicit:
+        return Path(explicit)
     env = os.environ.get("HF_FREEZE_SHARED")
-    if env:
-        return Path(env)
-    return Path(default) if default else Path(__file__).resolve().parents[2] / "shared"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
