@@ -466,3 +466,13 @@ def test_a_named_group_without_adaptable_layers_is_refused_but_a_range_may_span_
     with pytest.raises(FreezePolicyError, match=r"adapter groups \['neck'\] hold no layer an adapter can go on"):
         plan_for(vit, "adapter=lora,groups=stage.1+neck")
     assert plan_for(vit, "adapter=lora,groups=stage.1:neck").groups == ("stage.1",)
+
+
+def test_model_init_models_are_wrapped_too(tmp_path):
+    trainer = FreezeTrainer(model_init=lambda: tiny_model("resnet", seed=1), args=training_args(tmp_path, max_steps=2),
+                            train_dataset=TinyImages(n=16), freeze_policy="adapter=lora,r=4,groups=1")
+    trainer.train()
+    assert isinstance(trainer.model, PeftModel) and hf_freeze.freeze_report(trainer.model).row("stage.1").adapter > 0
+    pretrained = snapshot(tiny_model("resnet", seed=1))
+    base = named_base_tensors(trainer.model)
+    assert [n for n in pretrained if not identical(pretrained[n], base[n])] == []
