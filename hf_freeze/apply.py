@@ -46,11 +46,9 @@ class FreezeState:
     #: the resolved PEFT adapter (hf_freeze.adapters.AdapterPlan) when the policy has one
     adapter: object | None = None
 
-    def group_frozen(self, group: str) -> bool:
-        return bool(self.frozen & set(self.groups[group].param_names))
-
-    def frozen_groups(self) -> list[str]:
-        return [g.name for g in self.groups if self.group_frozen(g.name)]
+    def trainable_below_head(self) -> list[str]:
+        """Groups below the head with any trainable parameter (empty: a pure head-only phase)."""
+        return [g.name for g in self.groups if g.name != "head" and not set(g.param_names) <= self.frozen]
 
     def group_lr_scale(self, group: str) -> float:
         """LR multiplier: depth decay x the scale it was (or will be) unfrozen with."""

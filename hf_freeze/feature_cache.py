@@ -53,7 +53,7 @@ def refusal(model: nn.Module, dataset, args) -> str | None:
     state = get_state(model)
     if state is None:
         return "no freeze policy is applied"
-    trainable = [g.name for g in state.groups if g.name != "head" and not set(g.param_names) <= state.frozen]
+    trainable = state.trainable_below_head()
     if trainable:
         return f"group(s) {trainable} below the head are trainable, so backbone features change every step"
     if state.policy.train_bn:

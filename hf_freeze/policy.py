@@ -347,10 +347,6 @@ class FreezePlan:
     events: tuple[UnfreezeStep, ...]
     depth_scale: dict[str, float]
 
-    def lr_scale(self, group: str, unfrozen_scale: dict[str, float] | None = None) -> float:
-        """Effective LR multiplier of a group: layer-decay factor x the scale it was unfrozen with."""
-        return self.depth_scale[group] * (unfrozen_scale or {}).get(group, self.initial_scale(group))
-
     def event_for(self, group: str) -> UnfreezeStep | None:
         return next((e for e in self.events if group in e.groups), None)
 

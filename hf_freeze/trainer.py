@@ -128,8 +128,7 @@ class FreezeTrainerMixin:
         if fc.INDEX_KEY in inputs:
             indices = inputs[fc.INDEX_KEY]
             state = get_state(model)
-            below_head_frozen = all(set(g.param_names) <= state.frozen for g in state.groups if g.name != "head")
-            if self.feature_cache is not None and below_head_frozen:
+            if self.feature_cache is not None and not state.trainable_below_head():
                 outputs = self.feature_cache.forward(model, indices)
                 return (outputs.loss, outputs) if return_outputs else outputs.loss
             self.feature_cache = None  # a group was unfrozen: back to the real examples for good
