@@ -137,13 +137,25 @@ class FreezeTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
-        from_args = getattr(self.args, "freeze_policy", None)
-        if trial is not None and callable(from_args) and from_args() is not None:
-            self.freeze_callback.policy = from_args()  # a search trial set the freeze fields on the args
+        policy = self._trial_policy(trial)
+        if policy is not None:
+            self.freeze_callback.policy = policy
         if self.freeze_policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, self.freeze_policy)
         self.freeze_callback.setup(model, self.args)
         return model
+
+    def _trial_policy(self, trial) -> FreezePolicy | None:
+        """The policy a hyperparameter-search trial asks for, read from the trial itself.
+
+        ``Trainer.train`` builds the trial's model (``call_model_init(trial)``) *before* ``_hp_search_setup(trial)``
+        copies the trial's fields onto the args, so the args still hold the previous trial's values here.
+        """
+        backend = getattr(self, "hp_search_backend", None)
+        if trial is None or backend is None:
+            return None
+        params = self.hp_space(trial) if str(getattr(backend, "value", backend)) == "optuna" else dict(trial)
+        return policy_from_fields(self.args, params)
 
     # ------------------------------------------------------------------ saving: full or delta
     @property
@@ -259,6 +271,18 @@ def _pick_policy(explicit, training_args, model) -> FreezePolicy:
     if isinstance(recorded, dict):
         return FreezePolicy.from_dict(recorded)
     return FreezePolicy()
+
+
+def policy_from_fields(args, params: dict) -> FreezePolicy | None:
+    """The policy of ``args``' freeze fields with ``params`` (a trial's FreezeArguments values) put over them."""
+    from dataclasses import fields
+
+    from .args import FreezeArguments
+
+    if not isinstance(args, FreezeArguments):
+        return None
+    values = {f.name: params.get(f.name, getattr(args, f.name)) for f in fields(FreezeArguments)}
+    return FreezeArguments(**values).freeze_policy()
 
 
 def policy_from_pretrained(path: str | os.PathLike) -> FreezePolicy:
