@@ -195,7 +195,7 @@ def search_freeze_policies(trainer, n_trials: int = 8, metric: str = "eval_accur
 
     The candidates are ``policies`` if given, else ``space.policies(...)`` (default :class:`FreezeSearchSpace`) for
     the model ``model_init`` builds: distinct policies only. Each trial trains the policy it sampled (checked: a
-    mismatch raises); at most ``n_trials`` of them run, without repeats.
+    mismatch raises); at most ``n_trials`` of them run, without repeats, each to the end (no pruning).
     """
     import optuna
 
@@ -233,8 +233,10 @@ def search_freeze_policies(trainer, n_trials: int = 8, metric: str = "eval_accur
 
     grid = {"policy": [p.to_string() for p in policies]}
     sampler = optuna.samplers.GridSampler(grid, seed=seed)
+    # no pruner: optuna's default (MedianPruner) stops trials early, whose mid-training scores would then be
+    # ranked against the final scores of the others
     trainer.hyperparameter_search(hp_space=make_hp_space(policies), compute_objective=objective,
                                   n_trials=min(n_trials, len(policies)), direction=direction, backend="optuna",
-                                  sampler=sampler)
+                                  sampler=sampler, pruner=optuna.pruners.NopPruner())
     ranked = sorted(rows.values(), key=lambda r: r[metric], reverse=direction == "maximize")
     return SearchResult(metric, direction, ranked)

@@ -73,13 +73,15 @@ def test_every_trial_trains_the_policy_it_sampled_and_is_scored_for_it(tmp_path)
 
 def test_default_space_search_runs_each_distinct_policy_once(tmp_path):
     recorder = AppliedPolicies()
-    trainer = search_trainer(tmp_path, recorder, num_train_epochs=1)
+    trainer = search_trainer(tmp_path, recorder, num_train_epochs=2)
     space = FreezeSearchSpace(freeze=["backbone", "1"], schedule=["none", "late"], lr_scale=[1.0, 0.5])
     result = search_freeze_policies(trainer, n_trials=10, space=space)  # 8 grid points, 6 distinct policies
     seen = [s for s, _ in recorder.seen.values()]
     assert all(s == a for s, a in recorder.seen.values())
     assert sorted(seen) == sorted(r["policy"] for r in result.rows) and len(set(seen)) == len(seen) == 6
-    assert "freeze=1;unfreeze=epoch0.5:1@0.5" in seen and "freeze=backbone" in seen
+    assert "freeze=1;unfreeze=epoch1:1@0.5" in seen and "freeze=backbone" in seen
+    # every trial trained to the end (optuna's default pruner would stop some after their first evaluation)
+    assert [r["epoch"] for r in result.rows] == [2.0] * 6
 
 
 def plan_of(policy, groups):

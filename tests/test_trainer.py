@@ -231,6 +231,14 @@ def test_event_order_that_depends_on_the_epoch_length_is_resolved_when_training_
     assert {g: scales[g] for g in ("stage.0", "stage.1")} == {groups[0]: s for _, groups, s in expected}
 
 
+def test_plain_trainer_resolves_the_event_order_from_its_dataloader(tmp_path):
+    callback = FreezeCallback("freeze=backbone;unfreeze=step3:stage.0,epoch1:1")  # 2 steps per epoch: epoch 1 first
+    Trainer(model=tiny_model("resnet"), args=training_args(tmp_path, per_device_train_batch_size=16),
+            train_dataset=TinyImages(), callbacks=[callback]).train()
+    assert [(e["step"], e["groups"]) for e in callback.events_log] == [(2, ["stage.1"]), (3, ["stage.0"])]
+    assert callback.timing == hf_freeze.policy.Timing(2, 2, 1)
+
+
 def test_event_order_that_makes_the_policy_invalid_for_this_run_is_refused_before_training(tmp_path):
     policy = "freeze=backbone;unfreeze=step3:stage.1,epoch1:1"  # valid when epoch 1 ends after step 3
     model = tiny_model("resnet")
