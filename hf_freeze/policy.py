@@ -15,10 +15,15 @@ Compact string form (fields separated by ``;``; a bare value is the ``freeze`` f
 ``freeze``:   ``backbone`` | ``none`` | ``N`` (the first N groups) | comma-separated selectors:
               a group name (``stage.3``), an inclusive range (``stem:stage.2``) or a parameter-name
               glob (``*.bn*``, ``vit.layers.0.*``).
-``unfreeze_bn``: ``true`` lets the BatchNorm layers of unfrozen groups use batch statistics again
-              (default ``false``: they stay in inference mode; their affine weights still train).
+``train_bn``: ``true`` lets every BatchNorm layer update its statistics: in frozen groups, and in groups
+              after the schedule unfreezes them (never locked; their statistics are not fingerprinted).
+``unfreeze_bn``: with ``train_bn=false``, ``true`` lets the BatchNorm layers of unfrozen groups use batch
+              statistics again (default ``false``: they stay in inference mode, statistics kept and verified;
+              their affine weights still train).
 ``unfreeze``: comma-separated events ``epochE:GROUPS[@LR_SCALE]`` or ``stepS:GROUPS[@LR_SCALE]``;
               GROUPS is a number (the next N frozen groups nearest the head) or names joined by ``+``.
+              Events fire when each is due, and are resolved in that order (step and epoch events may be
+              mixed; see :func:`resolve` and :class:`Timing`).
 ``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
               (see :mod:`hf_freeze.adapters`; no unfreeze schedule with an adapter).
 """
@@ -122,12 +127,18 @@ class FreezePolicy:
     """A declarative freeze policy; see the module docstring for the string form."""
 
     freeze: str | int | list[str] = "backbone"
+    #: BatchNorm statistics. False (default): a BatchNorm layer stays in inference mode (statistics kept,
+    #: fingerprinted, verified) while its group is frozen, and after its group is unfrozen unless ``unfreeze_bn``.
+    #: True: every BatchNorm layer updates its statistics, frozen group or not, before and after an unfreeze; none
+    #: is locked, so ``unfreeze_bn`` changes nothing, and those statistics are never claimed frozen or verified.
+    #: (Groups that train from the start always use batch statistics.)
     train_bn: bool = False
     unfreeze: list[Unfreeze] = field(default_factory=list)
     layer_lr_decay: float | None = None
     verify: bool = True
     #: when a group is unfrozen, may its BatchNorm layers switch to batch statistics? False (default, as Keras
     #: advises for fine-tuning): they stay in inference mode, their affine weights train, their statistics are kept
+    #: (and verified). Only matters with ``train_bn=False``
     unfreeze_bn: bool = False
     #: PEFT adapter trained on frozen groups (AdapterConfig, dict, adapter string or peft config); None: no adapter
     adapter: AdapterConfig | None = None

@@ -91,7 +91,7 @@ class FreezeTrainerMixin:
             self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
         return super().create_optimizer(model)
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
         (:func:`hf_freeze.checkpoints.last_complete_checkpoint`: a folder left half-written by a crash is skipped,
         with a warning naming it and why)."""
@@ -99,7 +99,7 @@ class FreezeTrainerMixin:
             resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir,
                                                                   needs_optimizer=not self.args.save_only_model))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+                             ignore_keys_for_eval=ignore_keys_for_eval)
 
     def set_initial_training_values(self, args, dataloader):
         """``Trainer``'s step counting; the freeze plan learns it here, before the optimizer is built."""
