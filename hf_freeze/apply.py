@@ -45,6 +45,10 @@ class FreezeState:
     events_done: int = 0
     #: the resolved PEFT adapter (hf_freeze.adapters.AdapterPlan) when the policy has one
     adapter: object | None = None
+    #: parameters the user had frozen (``requires_grad=False``) before the policy: they stay frozen, events included
+    user_frozen: set[str] = field(default_factory=set)
+    #: the fingerprint taken when the policy was applied (before any unfreeze)
+    applied_fingerprint: Fingerprint = field(default_factory=Fingerprint)
 
     def trainable_below_head(self) -> list[str]:
         """Groups below the head with any trainable parameter (empty: a pure head-only phase)."""
@@ -70,7 +74,10 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     """Freeze ``model`` according to ``policy``; return a :class:`~hf_freeze.report.FreezeReport`.
 
     Everything is validated first: a bad policy raises FreezePolicyError and the model is untouched.
-    Re-applying replaces the previous policy (it starts again from the pre-policy state).
+    Re-applying replaces the previous policy (it starts again from the pre-policy state). A parameter the user
+    froze by hand (``requires_grad=False`` before the policy) stays frozen, even in a group the policy trains or
+    unfreezes: it is fingerprinted like any frozen tensor, the report counts it under ``user_frozen``, and
+    :func:`remove_policy` leaves it as the user set it.
     """
     from .report import freeze_report
 
@@ -80,11 +87,14 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     plan = resolve(policy, groups)
     adapter = _check_adapter(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
+    # with an adapter PEFT has frozen every pretrained parameter itself, and all of them stay frozen anyway
+    user_frozen = set() if adapter is not None else {n for n, p in named_base_parameters(model) if not p.requires_grad}
     state = FreezeState(policy, plan, groups,
                         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
-                        adapter=adapter)
+                        adapter=adapter, user_frozen=user_frozen)
     setattr(model, STATE_ATTR, state)
     set_frozen(model, plan.frozen_params)
+    state.applied_fingerprint = Fingerprint(dict(state.fingerprint.digests))
     return freeze_report(model)
 
 
@@ -109,17 +119,18 @@ def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, 
 
 
 def set_frozen(model: nn.Module, frozen: set[str] | frozenset[str], *, refingerprint: bool = True) -> None:
-    """Make exactly ``frozen`` non-trainable and lock the norms that belong to it.
+    """Make exactly ``frozen`` (plus the parameters the user froze) non-trainable and lock the norms that belong to it.
 
     ``refingerprint``: take a new fingerprint of the frozen tensors (on apply); otherwise the existing
-    one only forgets the tensors that are no longer frozen, so an earlier violation is not hidden.
+    one only forgets the tensors that are no longer frozen, so an earlier violation is not hidden, and a tensor
+    frozen again (:func:`rewind_events`) gets back the digest it had when the policy was applied.
     With an adapter every pretrained tensor is frozen and tracked (what trains is adapter weights and
     the copies of the trainable modules); copies of frozen tensors (BatchNorm saved for its
     statistics under ``train_bn``) keep their weights frozen.
     """
     model = unwrap_model(model)
     state = require_state(model)
-    state.frozen = set(frozen)
+    state.frozen = set(frozen) | state.user_frozen
     for n, p in named_base_parameters(model):
         p.requires_grad_(state.adapter is None and n not in state.frozen)
     for _, base, role, p in named_peft_parameters(model):
@@ -132,6 +143,20 @@ def set_frozen(model: nn.Module, frozen: set[str] | frozenset[str], *, refingerp
         state.fingerprint = Fingerprint.take(model, sorted(tracked))
     else:
         state.fingerprint.drop(set(state.fingerprint.digests) - tracked)
+        applied = state.applied_fingerprint.digests
+        state.fingerprint.digests.update({n: applied[n] for n in tracked - set(state.fingerprint.digests) if n in applied})
+
+
+def norm_locked(state: FreezeState, frozen_here: bool, unfrozen_here: bool) -> bool:
+    """Does a running-stat norm stay in inference mode (statistics kept, fingerprinted)?
+
+    ``train_bn``: never (its statistics update while its group is frozen and after it is unfrozen). Otherwise:
+    while its weights are frozen, and after a scheduled unfreeze unless ``unfreeze_bn``. A norm of a group that
+    trains from the start uses batch statistics as in plain training.
+    """
+    if state.policy.train_bn:
+        return False
+    return frozen_here or (unfrozen_here and not state.policy.unfreeze_bn)
 
 
 def _sync_norms(model: nn.Module, state: FreezeState) -> set[str]:
@@ -145,7 +170,7 @@ def _sync_norms(model: nn.Module, state: FreezeState) -> set[str]:
         buffers = {prefix + b for b, _ in module.named_buffers(recurse=False)}
         frozen_here = all(n in state.frozen for n in own) if own else any(group_of.get(b) in fully_frozen for b in buffers)
         unfrozen_here = any(group_of.get(b) in state.unfrozen for b in buffers)
-        if (frozen_here and not state.policy.train_bn) or (unfrozen_here and not state.policy.unfreeze_bn):
+        if norm_locked(state, frozen_here, unfrozen_here):
             batchnorm.lock_eval(module)  # frozen, or unfrozen with its statistics kept: inference mode
             tracked |= buffers
         else:
@@ -160,7 +185,8 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
     """Make ``group_names`` trainable; returns the parameter names unfrozen.
 
     Their BatchNorm layers stay in inference mode (statistics kept, still verified) unless the policy
-    sets ``unfreeze_bn``; their affine weights train either way.
+    sets ``unfreeze_bn`` or ``train_bn``; their affine weights train either way. Parameters the user froze
+    by hand stay frozen.
     """
     model = unwrap_model(model)
     state = require_state(model)
@@ -170,11 +196,32 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
     unknown = [g for g in group_names if g not in state.groups.names]
     if unknown:
         raise FreezePolicyError(f"unknown group(s) {unknown}; groups are {state.groups.names}")
-    names = {n for g in group_names for n in state.groups[g].param_names} & state.frozen
+    names = {n for g in group_names for n in state.groups[g].param_names} & state.frozen - state.user_frozen
     for g in group_names:
         state.unfrozen.setdefault(g, (when, lr_scale))
     set_frozen(model, state.frozen - names, refingerprint=False)
     return sorted(names)
+
+
+def rewind_events(model: nn.Module, fired: int) -> list[str]:
+    """Make the policy state describe weights saved when only its first ``fired`` unfreeze events had fired.
+
+    The groups of the later events are frozen again (BatchNorm locked as before) and their tensors get back the
+    fingerprints taken when the policy was applied, so :func:`verify_frozen` proves those weights never trained.
+    Used when the Trainer loads the best checkpoint at the end (``load_best_model_at_end``). Returns the groups.
+    """
+    model = unwrap_model(model)
+    state = require_state(model)
+    later = state.plan.events[fired:state.events_done]
+    groups = [g for e in later for g in e.groups]
+    if not groups:
+        return []
+    for g in groups:
+        state.unfrozen.pop(g, None)
+    state.events_done = fired
+    names = {n for g in groups for n in state.groups[g].param_names}
+    set_frozen(model, state.frozen | names, refingerprint=False)
+    return groups
 
 
 def remove_policy(model: nn.Module) -> None:
@@ -190,6 +237,11 @@ def remove_policy(model: nn.Module) -> None:
     for module in batchnorm.stat_norms(model).values():
         if batchnorm.is_locked(module):
             batchnorm.unlock(module, model.training)
+    from .callback import saves_policy
+
+    for module in model.modules():  # the FreezeCallback's save_pretrained that also writes freeze_policy.json
+        if saves_policy(module):
+            del module.__dict__["save_pretrained"]
     delattr(model, STATE_ATTR)
 
 

@@ -14,17 +14,20 @@ on_train_begin -> steps ...
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .apply import apply_policy, get_state, set_frozen, unfreeze_groups, verify_frozen
+from .apply import apply_policy, get_state, rewind_events, set_frozen, unfreeze_groups, verify_frozen
 from .distributed import check_backend
 from .errors import FreezePolicyError
 from .groups import unwrap_model
 from .param_groups import ever_trainable
-from .policy import FreezePolicy
+from .policy import FreezePolicy, Timing, resolve
 
 logger = logging.getLogger(__name__)
 CONFIG_KEY = "freeze_policy"
@@ -46,12 +49,16 @@ class FreezeCallback(TrainerCallback):
                 "(or FreezeTrainerMixin on your Trainer subclass) instead of FreezeCallback.")
         self.pending_logs: dict[str, float] = {}
         self.events_log: list[dict] = []
+        #: steps per epoch of the run (known once the training dataloader exists); see :meth:`set_timing`
+        self.timing: Timing | None = None
+        #: with load_best_model_at_end: (step of the loaded checkpoint, events_log entries that fired after it)
+        self.after_saved: tuple[int, list[dict]] | None = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, model, args) -> None:
         """Apply the policy (idempotent) and open the future groups for optimizer/DDP registration."""
         check_backend(args, self.policy)
-        model = unwrap_model(model)
+        outer, model = model, unwrap_model(model)
         state = get_state(model)
         if state is None or state.policy != self.policy or state.events_done:
             report = apply_policy(model, self.policy)
@@ -66,10 +73,32 @@ class FreezeCallback(TrainerCallback):
         config = getattr(model, "config", None)
         if config is not None:
             setattr(config, CONFIG_KEY, self.policy.to_dict())
+        for m in {id(outer): outer, id(model): model}.values():
+            save_policy_with(m)
         future = ever_trainable(state) & state.frozen
         for n, p in model.named_parameters():
             if n in future:
                 p.requires_grad_(True)
+
+    def set_timing(self, model, timing: Timing | None) -> None:
+        """Record how the run counts steps; a plan whose mixed step/epoch events depend on it is resolved again.
+
+        ``FreezeTrainer`` calls this before it builds the optimizer (per-group LR scales follow the resolved events);
+        a plain Trainer reaches it at ``on_train_begin``.
+        """
+        if timing is not None:
+            self.timing = timing
+        fstate = get_state(model)
+        if fstate is None or not fstate.plan.provisional or fstate.events_done:
+            return
+        if self.timing is None:
+            raise FreezePolicyError(
+                f"policy {fstate.policy.to_string()!r} mixes step and epoch unfreeze events whose order depends on the "
+                "number of steps per epoch, which this run does not tell (a training dataloader without a length and "
+                "no max_steps); use one unit, or name the groups of each event")
+        fstate.plan = resolve(fstate.policy, fstate.groups, self.timing)
+        logger.info("hf_freeze: unfreeze events in firing order for %d steps per epoch: %s",
+                    self.timing.steps_per_epoch, ", ".join(f"{'+'.join(e.groups)} at {e.when}" for e in fstate.plan.events))
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -81,6 +110,7 @@ class FreezeCallback(TrainerCallback):
         if fstate is None:  # model_init replaced the model, or setup was never run
             self.setup(model, args)
             fstate = get_state(model)
+        self.set_timing(model, self.timing or timing_of(args, kwargs.get("train_dataloader")))
         self._fire_due(model, state, resumed=state.global_step > 0)
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on
         self.pending_logs["freeze/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -134,5 +164,74 @@ class FreezeCallback(TrainerCallback):
             verify_frozen(model, f"when saving checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if get_state(model) is not None and self.policy.verify:
-            verify_frozen(model, "at the end of training")
+        if get_state(model) is None:
+            return
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and _has_weights(best):  # the Trainer has just loaded it
+            self.rewind_to_checkpoint(model, best)
+        if self.policy.verify:
+            verify_frozen(model, "at the end of training" + (f" (after loading {best})" if self.after_saved else ""))
+
+    def rewind_to_checkpoint(self, model, checkpoint) -> None:
+        """``model`` holds the weights of ``checkpoint`` (the best one, loaded at the end): unfreeze events that fired
+        after it was saved are undone in the policy state (their groups frozen again, with their fingerprints), so the
+        report, the card and the verification describe the saved weights."""
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        fstate = get_state(model)
+        if self.timing is not None:  # an event found due at global step s trains from update s + 1 on
+            fired = sum(1 for e in fstate.plan.events[:fstate.events_done] if self.timing.fire_step(e) < step)
+        else:
+            fired = sum(1 for r in self.events_log if r["step"] < step)
+        fired = min(fired, fstate.events_done)
+        if fired < fstate.events_done:
+            later = self.events_log[len(self.events_log) - (fstate.events_done - fired):]
+            groups = rewind_events(model, fired)
+            self.after_saved = (step, later)
+            logger.info("hf_freeze: %s (step %d) was saved before %s was unfrozen: shown and verified as frozen",
+                        checkpoint, step, ", ".join(groups))
+
+
+def _save_pretrained_with_policy(model, save_directory, *args, **kwargs):
+    """``save_pretrained`` of the model's class, then the applied policy's ``freeze_policy.json`` beside it."""
+    out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    state = get_state(model)
+    if state is not None and kwargs.get("is_main_process", True):
+        state.policy.save_pretrained(save_directory)
+    return out
+
+
+def save_policy_with(model) -> None:
+    """Make ``model.save_pretrained`` (what ``Trainer.save_model`` calls) write ``freeze_policy.json`` too.
+
+    An instance attribute, like the BatchNorm lock: it survives ``copy.deepcopy``/pickle, and
+    :func:`hf_freeze.remove_policy` deletes it.
+    """
+    if callable(getattr(type(model), "save_pretrained", None)) and not saves_policy(model):
+        model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_with_policy, model)
+
+
+def saves_policy(model) -> bool:
+    fn = model.__dict__.get("save_pretrained")
+    return isinstance(fn, functools.partial) and fn.func is _save_pretrained_with_policy
+
+
+def _has_weights(folder) -> bool:
+    from .hub import checkpoint_kind
+
+    try:
+        checkpoint_kind(folder)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def timing_of(args, dataloader) -> Timing | None:
+    """A run's :class:`Timing` from its training dataloader, counted as ``Trainer.set_initial_training_values`` does."""
+    accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+    try:
+        batches = len(dataloader)
+    except TypeError:  # no dataloader, or one without a length: the Trainer counts max_steps as one epoch
+        max_steps = getattr(args, "max_steps", -1)
+        return Timing(max_steps, max_steps * accumulation, accumulation) if max_steps and max_steps > 0 else None
+    steps = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return Timing(steps, batches, accumulation)

@@ -33,6 +33,8 @@ DELTA_MANIFEST = "freeze_delta.json"
 DELTA_FORMAT = "hf_freeze.delta"
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: beside an adapter saved as the delta of its run: the base it applies to and the fingerprint of the base tensors
+ADAPTER_BASE = "freeze_adapter_base.json"
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
 
 
@@ -141,13 +143,28 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
 
     Checks first that every frozen tensor is still bit-identical to its fingerprint (``FrozenWeightsChanged``
     otherwise: the delta would silently drop a change). Full-weight files left in the folder by an earlier save
-    are removed, so the folder holds exactly one kind of checkpoint.
+    are removed, so the folder holds exactly one kind of checkpoint. With an adapter policy the delta is the adapter
+    folder (``model`` must be the ``peft.PeftModel``): adapter files, ``freeze_policy.json``, the fine-tuned config
+    and :func:`save_adapter_base`'s record of the base; the returned manifest lists no tensors.
     """
     from .apply import verify_frozen
     from .callback import CONFIG_KEY
 
-    model = unwrap_model(model)
     state = require_state(model)
+    if state.adapter is not None:
+        from .adapters import save_adapter
+
+        if not hasattr(model, "peft_config"):
+            raise ValueError("this model trains a PEFT adapter: pass the peft.PeftModel to save_delta (its delta is "
+                             "the adapter folder)")
+        verify_frozen(model, "before saving a delta checkpoint")
+        save_adapter(model, output_dir)
+        config = getattr(unwrap_model(model), "config", None)
+        if save_config and config is not None:
+            setattr(config, CONFIG_KEY, state.policy.to_dict())
+            config.save_pretrained(output_dir)
+        return save_adapter_base(model, output_dir, base_model=base_model, base_revision=base_revision)
+    model = unwrap_model(model)
     verify_frozen(model, "before saving a delta checkpoint")
     base, revision = base_reference(model, base_model, base_revision)
     tensors = delta_state_dict(model, state_dict)
@@ -165,6 +182,37 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
     if save_config and config is not None:
         setattr(config, CONFIG_KEY, state.policy.to_dict())
         config.save_pretrained(out)
+    return manifest
+
+
+def save_adapter_base(model: nn.Module, output_dir: str | os.PathLike, *, base_model: str | None = None,
+                      base_revision: str | None = None) -> DeltaManifest:
+    """Make an adapter folder the delta of its run: record the base it applies to and what the base must hold.
+
+    An adapter run trains only the adapter and whole copies of some modules (``modules_to_save``); the folder
+    ``PeftModel.save_pretrained`` writes is already "only what was trained". This adds ``freeze_adapter_base.json``
+    (a :class:`DeltaManifest` without tensors: base repo id or folder, revision, fingerprints of every base tensor
+    the adapter relies on, i.e. all but the originals of the modules saved whole) and points ``adapter_config.json``
+    at the same base. :func:`from_pretrained` loads the base, checks the fingerprints, then the adapter.
+    """
+    from .apply import verify_frozen
+
+    state = require_state(model)
+    if state.adapter is None:
+        raise ValueError("save_adapter_base needs a model trained with an adapter policy; use save_delta")
+    verify_frozen(model, "before saving an adapter delta")
+    base, revision = base_reference(model, base_model, base_revision)
+    saved = state.adapter.modules_to_save
+    frozen = {n: d for n, d in state.fingerprint.digests.items()
+              if not any(n == m or n.startswith(f"{m}.") for m in saved)}
+    dtypes = {str(t.dtype).removeprefix("torch.") for n, t in named_tensors(model).items() if n in frozen and t.is_floating_point()}
+    manifest = DeltaManifest(base, revision, frozen, [], dtype=",".join(sorted(dtypes)) or "float32")
+    out = Path(output_dir)
+    (out / ADAPTER_BASE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    config_path = out / ADAPTER_FILES[0]
+    peft_config = json.loads(config_path.read_text())
+    peft_config.update(base_model_name_or_path=base, revision=revision)
+    config_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
@@ -220,15 +268,16 @@ def from_pretrained(repo_or_dir: str | os.PathLike, *, revision: str | None = No
                     base_model: str | None = None, base_revision: str | None = None, **kwargs) -> nn.Module:
     """Load a model saved by hf_freeze: a delta (rebuilt on its base), a PEFT adapter folder, or a full checkpoint.
 
-    ``repo_or_dir``: a local folder or a Hub repo id (downloaded at ``revision``). For a delta, ``base_model`` /
-    ``base_revision`` override where the base is read from (e.g. a local copy); the fingerprint check still applies.
+    ``repo_or_dir``: a local folder or a Hub repo id (downloaded at ``revision``). For a delta (or an adapter saved
+    with ``save_delta``), ``base_model`` / ``base_revision`` override where the base is read from (e.g. a local
+    copy); the fingerprint check still applies.
     Extra ``kwargs`` go to the ``from_pretrained`` that loads the weights.
     """
     folder = _local_folder(repo_or_dir, revision, token)
     if is_delta(folder):
         return _load_delta(folder, token, base_model, base_revision, **kwargs)
     if is_adapter(folder):
-        return _load_adapter(folder, token, **kwargs)
+        return _load_adapter(folder, token, base_model, base_revision, **kwargs)
     if not any((folder / f).is_file() for f in FULL_WEIGHTS):
         raise FileNotFoundError(f"{repo_or_dir} holds no model: expected {DELTA_MANIFEST} (hf_freeze delta), "
                                 f"{ADAPTER_FILES[0]} (PEFT adapter) or model.safetensors (full checkpoint)")
@@ -248,35 +297,78 @@ def _local_folder(repo_or_dir, revision, token) -> Path:
                                   ignore_patterns=["checkpoint-*", "last-checkpoint/*", "*.png", "training_args.bin"]))
 
 
-def _load_delta(folder: Path, token, base_model, base_revision, **kwargs) -> nn.Module:
+def _load_base(folder: Path, manifest: DeltaManifest, token=None, base_model=None, base_revision=None, **kwargs):
+    """(the base model a delta refers to, with the delta's config; where it was read from)."""
     from transformers import AutoConfig
 
     from .loading import classifier_class
 
-    manifest = DeltaManifest.load(folder)
     base = base_model or manifest.base_model
     revision = base_revision if base_model or base_revision else manifest.base_revision
     config = AutoConfig.from_pretrained(folder)
-    dtype = getattr(torch, manifest.dtype.split(",")[0], None)
-    kwargs.setdefault("dtype", dtype)
+    kwargs.setdefault("dtype", getattr(torch, manifest.dtype.split(",")[0], None))
     model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
-    return apply_delta(model, folder, manifest, loaded_from=(base, revision))
+    return model, (base, revision)
 
 
-def _load_adapter(folder: Path, token, **kwargs) -> nn.Module:
-    """A PEFT adapter folder: its base (``base_model_name_or_path``) with the fine-tuned config when present."""
+def _load_delta(folder: Path, token, base_model, base_revision, **kwargs) -> nn.Module:
+    manifest = DeltaManifest.load(folder)
+    model, loaded_from = _load_base(folder, manifest, token, base_model, base_revision, **kwargs)
+    return apply_delta(model, folder, manifest, loaded_from=loaded_from)
+
+
+def apply_delta_restoring_base(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """:func:`apply_delta` to a model that trained on after the delta was saved (``load_best_model_at_end``).
+
+    Tensors the delta records as frozen but that ``model`` no longer holds (groups unfrozen after this checkpoint)
+    are read back from the base model first; the fingerprint check of :func:`apply_delta` then still applies.
+    """
+    model = unwrap_model(model)
+    manifest = DeltaManifest.load(folder)
+    changed = Fingerprint(manifest.frozen_digests).changed(model)
+    if changed:
+        base, _ = _load_base(Path(folder), manifest)
+        source, target = named_tensors(base), named_tensors(model)
+        with torch.no_grad():
+            for name in changed:
+                if name in source and name in target:
+                    target[name].copy_(source[name])
+    return apply_delta(model, folder, manifest)
+
+
+def _load_adapter(folder: Path, token, base_model=None, base_revision=None, **kwargs) -> nn.Module:
+    """A PEFT adapter folder: its base with the fine-tuned config when present, then the adapter.
+
+    With ``freeze_adapter_base.json`` (an adapter saved with ``save_delta``) the base comes from there and its
+    tensors are checked against the recorded fingerprints (:class:`BaseModelChanged` otherwise). With
+    ``freeze_policy.json`` the adapter is loaded by :func:`hf_freeze.load_adapter` (policy applied again).
+    """
     try:
         from peft import PeftConfig, PeftModel
     except ImportError as e:  # pragma: no cover - peft is an optional dependency
         raise ImportError(f"{folder} holds a PEFT adapter: pip install 'hf_freeze[peft]' to load it") from e
     from transformers import AutoConfig
 
+    from .adapters import load_adapter
     from .loading import classifier_class
+    from .policy import POLICY_FILE
 
     peft_config = PeftConfig.from_pretrained(folder)
-    base = peft_config.base_model_name_or_path
+    manifest = DeltaManifest.from_dict(json.loads((folder / ADAPTER_BASE).read_text())) \
+        if (folder / ADAPTER_BASE).is_file() else None
+    base = base_model or (manifest.base_model if manifest else peft_config.base_model_name_or_path)
+    revision = base_revision if base_model or base_revision else \
+        (manifest.base_revision if manifest else peft_config.revision)
+    if manifest is not None:
+        kwargs.setdefault("dtype", getattr(torch, manifest.dtype.split(",")[0], None))
     config = AutoConfig.from_pretrained(folder if (folder / "config.json").is_file() else base)
-    model = classifier_class(config).from_pretrained(base, config=config, revision=peft_config.revision, token=token,
+    model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
+    if manifest is not None:
+        changed = Fingerprint(manifest.frozen_digests).changed(model)
+        if changed:
+            raise BaseModelChanged(base, revision, changed, len(manifest.frozen_digests))
+    if (folder / POLICY_FILE).is_file():
+        return load_adapter(model, folder)
     return PeftModel.from_pretrained(model, folder)

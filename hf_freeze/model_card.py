@@ -257,8 +257,13 @@ def _size(path: Path) -> str:
 # --------------------------------------------------------------------------- the card
 def render_model_card(model: nn.Module, config: CardConfig | None = None, *, folder: str | os.PathLike | None = None,
                       log_history: list[dict] | None = None, events_log: list[dict] | None = None,
-                      hyperparameters: dict | None = None, plot_file: str | None = None):
-    """The :class:`huggingface_hub.ModelCard` for ``model`` (saved or about to be saved in ``folder``)."""
+                      hyperparameters: dict | None = None, plot_file: str | None = None,
+                      after_saved: tuple[int, list[dict]] | None = None):
+    """The :class:`huggingface_hub.ModelCard` for ``model`` (saved or about to be saved in ``folder``).
+
+    ``after_saved``: (step, unfreeze events) when the weights are an earlier checkpoint than the end of training
+    (``load_best_model_at_end``): those events fired after it; the card lists them apart, not as part of the weights.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
@@ -272,7 +277,8 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
     hub_base = base if is_hub_id(base) else None
     metrics = eval_metrics(log_history or [])
     trainable, total = param_counts(model)
-    events = unfreeze_events(model, events_log, log_history)
+    later = list(after_saved[1]) if after_saved else []
+    events = unfreeze_events(model, [e for e in events_log or [] if e not in later], log_history)
     preservation, preserved = preservation_text(model)
     name = config.model_name or (config.repo_id or "").split("/")[-1] or folder.resolve().name
     hf_config = getattr(model, "config", None)
@@ -287,7 +293,9 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
         **({"base_model_relation": RELATION[kind]} if hub_base else {}), hf_freeze=hf_freeze_meta)
     pending = ""
     if state is not None:
-        waiting = [e for e in state.plan.events[state.events_done:] if not set(e.groups) <= set(state.unfrozen)]
+        after = {g for e in later for g in e["groups"]}
+        waiting = [e for e in state.plan.events[state.events_done:]
+                   if not set(e.groups) <= set(state.unfrozen) and not set(e.groups) <= after]
         pending = ", ".join(f"{', '.join(e.groups)} at {e.when}" for e in waiting)
     from .report import freeze_report
 
@@ -304,6 +312,8 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
         dataset_name=config.dataset_name or config.dataset,
         freeze_table=report.to_markdown() if report else "", grouping=GROUPING.get(report.grouping, report.grouping) if report else "",
         events=events, pending=pending, preservation=preservation, plot_file=plot_file,
+        saved_step=after_saved[0] if after_saved else None,
+        after_saved="; ".join(f"{', '.join(e['groups'])} at step {e['step']} ({e['when']})" for e in later),
         results_table=results_table(log_history or []), hyperparameters=hyperparameters or {},
         has_processor=(folder / "preprocessor_config.json").is_file(), fingerprint=preserved.get("fingerprint", ""), delta_size=_size(folder / "freeze_delta.safetensors"))
     return ModelCard.from_template(data, template_str=_template_text(config.template), **variables)
@@ -319,7 +329,7 @@ def _summary(hf_config, base, state, kind) -> str:
 
 def write_model_card(model: nn.Module, output_dir: str | os.PathLike, config: CardConfig | None = None, *,
                      log_history: list[dict] | None = None, events_log: list[dict] | None = None,
-                     hyperparameters: dict | None = None):
+                     hyperparameters: dict | None = None, after_saved: tuple[int, list[dict]] | None = None):
     """Render the card into ``output_dir/README.md`` (+ ``training_curves.png``) and return the ``ModelCard``."""
     config = config or CardConfig()
     out = Path(output_dir)
@@ -329,6 +339,7 @@ def write_model_card(model: nn.Module, output_dir: str | os.PathLike, config: Ca
         events = unfreeze_events(model, events_log, log_history)
         plot = training_plot(log_history, events, out / PLOT_FILE)
     card = render_model_card(model, config, folder=out, log_history=log_history, events_log=events_log,
-                             hyperparameters=hyperparameters, plot_file=plot.name if plot else None)
+                             hyperparameters=hyperparameters, plot_file=plot.name if plot else None,
+                             after_saved=after_saved)
     card.save(out / "README.md")
     return card

@@ -24,10 +24,10 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
 
 
 def ever_trainable(state) -> set[str]:
-    """Parameters trainable now or unfrozen by a scheduled event."""
+    """Parameters trainable now or unfrozen by a scheduled event (never those the user froze by hand)."""
     later = {n for e in state.plan.events[state.events_done:] for g in e.groups for n in state.groups[g].param_names}
     all_names = {n for g in state.groups for n in g.param_names}
-    return (all_names - state.frozen) | later
+    return (all_names - state.frozen) | (later - state.user_frozen)
 
 
 def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: float) -> list[dict]:

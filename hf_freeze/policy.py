@@ -15,10 +15,15 @@ Compact string form (fields separated by ``;``; a bare value is the ``freeze`` f
 ``freeze``:   ``backbone`` | ``none`` | ``N`` (the first N groups) | comma-separated selectors:
               a group name (``stage.3``), an inclusive range (``stem:stage.2``) or a parameter-name
               glob (``*.bn*``, ``vit.layers.0.*``).
-``unfreeze_bn``: ``true`` lets the BatchNorm layers of unfrozen groups use batch statistics again
-              (default ``false``: they stay in inference mode; their affine weights still train).
+``train_bn``: ``true`` lets every BatchNorm layer update its statistics: in frozen groups, and in groups
+              after the schedule unfreezes them (never locked; their statistics are not fingerprinted).
+``unfreeze_bn``: with ``train_bn=false``, ``true`` lets the BatchNorm layers of unfrozen groups use batch
+              statistics again (default ``false``: they stay in inference mode, statistics kept and verified;
+              their affine weights still train).
 ``unfreeze``: comma-separated events ``epochE:GROUPS[@LR_SCALE]`` or ``stepS:GROUPS[@LR_SCALE]``;
               GROUPS is a number (the next N frozen groups nearest the head) or names joined by ``+``.
+              Events fire when each is due, and are resolved in that order (step and epoch events may be
+              mixed; see :func:`resolve` and :class:`Timing`).
 ``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
               (see :mod:`hf_freeze.adapters`; no unfreeze schedule with an adapter).
 """
@@ -122,12 +127,18 @@ class FreezePolicy:
     """A declarative freeze policy; see the module docstring for the string form."""
 
     freeze: str | int | list[str] = "backbone"
+    #: BatchNorm statistics. False (default): a BatchNorm layer stays in inference mode (statistics kept,
+    #: fingerprinted, verified) while its group is frozen, and after its group is unfrozen unless ``unfreeze_bn``.
+    #: True: every BatchNorm layer updates its statistics, frozen group or not, before and after an unfreeze; none
+    #: is locked, so ``unfreeze_bn`` changes nothing, and those statistics are never claimed frozen or verified.
+    #: (Groups that train from the start always use batch statistics.)
     train_bn: bool = False
     unfreeze: list[Unfreeze] = field(default_factory=list)
     layer_lr_decay: float | None = None
     verify: bool = True
     #: when a group is unfrozen, may its BatchNorm layers switch to batch statistics? False (default, as Keras
     #: advises for fine-tuning): they stay in inference mode, their affine weights train, their statistics are kept
+    #: (and verified). Only matters with ``train_bn=False``
     unfreeze_bn: bool = False
     #: PEFT adapter trained on frozen groups (AdapterConfig, dict, adapter string or peft config); None: no adapter
     adapter: AdapterConfig | None = None
@@ -339,13 +350,43 @@ class UnfreezeStep:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """How the Trainer counts a run: optimizer steps per epoch, batches per epoch, gradient accumulation.
+
+    With it the global step at which an epoch event fires is known (``Trainer`` sets ``state.epoch`` to
+    ``epoch + batches_done / batches_per_epoch`` after each optimizer step).
+    """
+
+    steps_per_epoch: int
+    batches_per_epoch: int
+    accumulation: int = 1
+
+    def fire_step(self, event: Unfreeze | UnfreezeStep) -> int:
+        """The global step at which ``FreezeCallback`` finds ``event`` due (the next update trains its groups)."""
+        if event.at_step is not None:
+            return event.at_step
+        whole = math.floor(event.at_epoch + 1e-9)
+        frac = event.at_epoch - whole
+        if frac <= 1e-9:
+            return whole * self.steps_per_epoch
+        k = math.ceil((frac - 1e-9) * self.batches_per_epoch / self.accumulation)
+        return whole * self.steps_per_epoch + min(max(k, 1), self.steps_per_epoch)
+
+
+@dataclass(frozen=True)
 class FreezePlan:
-    """A policy checked against one model's groups."""
+    """A policy checked against one model's groups. ``events`` are in the order they fire.
+
+    ``provisional``: the policy mixes step and epoch events whose order depends on the number of steps per epoch;
+    ``events`` is one order that resolves, and training resolves them again once that number is known
+    (``FreezeCallback`` before the optimizer is built, see :class:`Timing`).
+    """
 
     group_names: tuple[str, ...]
     frozen_params: frozenset[str]
     events: tuple[UnfreezeStep, ...]
     depth_scale: dict[str, float]
+    provisional: bool = False
 
     def event_for(self, group: str) -> UnfreezeStep | None:
         return next((e for e in self.events if group in e.groups), None)
@@ -391,24 +432,52 @@ def select_params(selectors: list[str], groups) -> set[str]:
     return chosen
 
 
-def resolve(policy: FreezePolicy, groups) -> FreezePlan:
-    """Check ``policy`` against ``groups`` (from :func:`hf_freeze.layer_groups`); raise FreezePolicyError if it does not fit."""
-    names = [g.name for g in groups]
-    f = policy.freeze
-    if f == "backbone":
-        frozen = {n for g in groups if g.name != "head" for n in g.param_names}
-    elif f == "none":
-        frozen = set()
-    elif _is_int(f):
-        if f > len(groups):
-            raise FreezePolicyError(f"freeze={f}: the model has only {len(groups)} groups {names}")
-        frozen = {n for g in groups[:f] for n in g.param_names}
-    else:
-        frozen = select_params(f, groups)
+#: above this many possible firing orders of interleaved step and epoch events, a policy is refused
+MAX_ORDERS = 1000
 
-    still_frozen = [g.name for g in groups if frozen & set(g.param_names)]
-    events = []
-    for u in policy.unfreeze:
+
+def firing_orders(events: list[Unfreeze], timing: Timing | None = None) -> list[tuple[int, ...]]:
+    """The orders (indices into ``events``) in which the events may fire, earliest first; same-step ties keep list order.
+
+    With ``timing`` there is one. Without, step events keep their order and epoch events theirs (both are listed in
+    time order), and a step event S certainly fires before an epoch event E when S < ceil(E) (an epoch has at
+    least one step); every other interleaving depends on the number of steps per epoch and is listed.
+    """
+    index = range(len(events))
+    if timing is not None:
+        return [tuple(sorted(index, key=lambda i: (timing.fire_step(events[i]), i)))]
+    steps = [i for i in index if events[i].at_step is not None]
+    epochs = [i for i in index if events[i].at_epoch is not None]
+    if not steps or not epochs:
+        return [tuple(index)]
+    orders: list[tuple[int, ...]] = []
+
+    def merge(a: int, b: int, done: tuple[int, ...]) -> None:
+        if len(orders) > MAX_ORDERS:
+            return
+        if a == len(steps) or b == len(epochs):
+            orders.append(done + tuple(steps[a:]) + tuple(epochs[b:]))
+            return
+        s_event, e_event = events[steps[a]], events[epochs[b]]
+        merge(a + 1, b, done + (steps[a],))
+        if s_event.at_step >= math.ceil(e_event.at_epoch - 1e-9):  # the epoch event may come first
+            merge(a, b + 1, done + (epochs[b],))
+
+    merge(0, 0, ())
+    if len(orders) > MAX_ORDERS:
+        raise FreezePolicyError(f"the {len(steps)} step and {len(epochs)} epoch unfreeze events can fire in more than "
+                                f"{MAX_ORDERS} orders depending on the steps per epoch; use one unit (all stepN or all "
+                                "epochE)")
+    return orders
+
+
+def _resolve_events(events: list[Unfreeze], order: tuple[int, ...], frozen_groups: list[str],
+                    names: list[str]) -> list[UnfreezeStep]:
+    """Concrete groups of each event, taken in firing ``order``; the result is in that order too."""
+    still_frozen = list(frozen_groups)
+    out = []
+    for i in order:
+        u = events[i]
         if _is_int(u.groups):
             if u.groups > len(still_frozen):
                 raise FreezePolicyError(
@@ -426,7 +495,45 @@ def resolve(policy: FreezePolicy, groups) -> FreezePlan:
                     f"frozen groups then: {still_frozen}")
             chosen = [g for g in names if g in u.groups]
         still_frozen = [g for g in still_frozen if g not in chosen]
-        events.append(UnfreezeStep(u.at_epoch, u.at_step, tuple(chosen), float(u.lr_scale)))
+        out.append(UnfreezeStep(u.at_epoch, u.at_step, tuple(chosen), float(u.lr_scale)))
+    return out
+
+
+def resolve(policy: FreezePolicy, groups, timing: Timing | None = None) -> FreezePlan:
+    """Check ``policy`` against ``groups`` (from :func:`hf_freeze.layer_groups`); raise FreezePolicyError if it does not fit.
+
+    Unfreeze events are resolved in the order they fire (an ``N``-group event takes the N still-frozen groups nearest
+    the head at that moment). When step and epoch events are mixed and their order depends on the steps per epoch,
+    ``timing`` gives it; without it every possible order is checked: the policy is refused when none resolves, and the
+    plan is ``provisional`` when they differ.
+    """
+    names = [g.name for g in groups]
+    f = policy.freeze
+    if f == "backbone":
+        frozen = {n for g in groups if g.name != "head" for n in g.param_names}
+    elif f == "none":
+        frozen = set()
+    elif _is_int(f):
+        if f > len(groups):
+            raise FreezePolicyError(f"freeze={f}: the model has only {len(groups)} groups {names}")
+        frozen = {n for g in groups[:f] for n in g.param_names}
+    else:
+        frozen = select_params(f, groups)
+
+    frozen_groups = [g.name for g in groups if frozen & set(g.param_names)]
+    results, errors = [], []
+    for order in firing_orders(policy.unfreeze, timing):
+        try:
+            results.append(tuple(_resolve_events(policy.unfreeze, order, frozen_groups, names)))
+        except FreezePolicyError as e:
+            errors.append(e)
+    if not results:
+        if len(errors) == 1:
+            raise errors[0]
+        raise FreezePolicyError(f"{errors[0]} (in every order these step and epoch events can fire in, depending on "
+                                "the steps per epoch)")
+    events = results[0]
+    provisional = bool(errors) or len(set(results)) > 1
 
     all_params = {n for g in groups for n in g.param_names}
     if frozen >= all_params and not events:
@@ -434,4 +541,4 @@ def resolve(policy: FreezePolicy, groups) -> FreezePlan:
                                 "nothing would train; freeze fewer groups (e.g. 'backbone') or add an unfreeze event")
     decay = policy.layer_lr_decay or 1.0
     depth_scale = {g: decay ** (len(names) - 1 - i) for i, g in enumerate(names)}
-    return FreezePlan(tuple(names), frozenset(frozen), tuple(events), depth_scale)
+    return FreezePlan(tuple(names), frozenset(frozen), events, depth_scale, provisional)

@@ -21,6 +21,15 @@ class GroupRow:
     unfrozen_at: str  # "" | "epoch 2" | "step 100" | "manual"
     pending: str = ""  # "until epoch 2" for a frozen group a scheduled event will unfreeze
     adapter: int = 0  # PEFT adapter parameters + trained copies (modules_to_save) belonging to this group
+    user_frozen: int = 0  # parameters the user had frozen by hand before the policy (they stay frozen)
+
+    def state_text(self, markdown: bool = False) -> str:
+        """``state`` with when it was (or will be) unfrozen and what the user froze, e.g. ``partial (epoch 2; 16 frozen by the user)``."""
+        notes = [f"unfrozen at {self.unfrozen_at}" if markdown else self.unfrozen_at] if self.unfrozen_at else \
+            [self.pending] if self.pending else []
+        if self.user_frozen:
+            notes.append(f"{self.user_frozen:,} frozen by the user")
+        return self.state + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,8 @@ class FreezeReport:
 
     def __str__(self) -> str:
         head = ("group", "params", "trainable", "state", "batchnorm", "lr x")
-        lines = [(r.name, f"{r.params:,}", f"{r.trainable:,}", r.state + (f" ({r.unfrozen_at})" if r.unfrozen_at else f" ({r.pending})" if r.pending else ""),
-                  r.norms, f"{r.lr_scale:.3g}") for r in self.rows]
+        lines = [(r.name, f"{r.params:,}", f"{r.trainable:,}", r.state_text(), r.norms, f"{r.lr_scale:.3g}")
+                 for r in self.rows]
         if self.adapter is not None:
             head = (*head[:3], "adapter", *head[3:])
             lines = [(*x[:3], f"{r.adapter:,}", *x[3:]) for r, x in zip(self.rows, lines)]
@@ -103,8 +112,7 @@ class FreezeReport:
         rows = ["| group | params | trainable |" + (" adapter |" if with_adapter else "") + " state | BatchNorm | LR scale |",
                 "|---|---:|---:|" + ("---:|" if with_adapter else "") + "---|---|---:|"]
         rows += [f"| {r.name} | {r.params:,} | {r.trainable:,} |" + (f" {r.adapter:,} |" if with_adapter else "")
-                 + f" {r.state}{f' (unfrozen at {r.unfrozen_at})' if r.unfrozen_at else f' ({r.pending})' if r.pending else ''} "
-                 f"| {r.norms} | {r.lr_scale:.3g} |" for r in self.rows]
+                 + f" {r.state_text(markdown=True)} | {r.norms} | {r.lr_scale:.3g} |" for r in self.rows]
         if with_adapter:
             rows += ["", *self._adapter_lines()]
         return "\n".join(rows)
@@ -141,8 +149,9 @@ def freeze_report(model: nn.Module) -> FreezeReport:
         mode = "-" if not modes else modes.pop() if len(modes) == 1 else "mixed"
         event = state.plan.event_for(g.name)
         pending = f"until {event.when}" if event and g.name not in state.unfrozen and kind != "trainable" else ""
+        user = sum(params[n].numel() for n in g.param_names if n in state.user_frozen)
         rows.append(GroupRow(g.name, g.num_params, n_train, kind, mode, state.group_lr_scale(g.name),
-                             state.unfrozen.get(g.name, ("", 1.0))[0], pending, n_adapter))
+                             state.unfrozen.get(g.name, ("", 1.0))[0], pending, n_adapter, user))
     adapter = {} if plan is None else dict(adapter=plan.config.to_string(), adapter_targets=len(plan.targets),
                                              adapter_skipped=plan.skipped, modules_to_save=plan.modules_to_save)
     return FreezeReport(state.groups.model_type, state.groups.source, state.policy.to_string(), tuple(rows),

@@ -1,9 +1,11 @@
 """Freeze-depth search with the Trainer's own ``hyperparameter_search`` (optuna backend).
 
-Each trial is a freeze policy built from a few choices — how many groups to freeze, whether and how to
-unfreeze them, at what LR scale, with or without ``train_bn`` — set on ``FreezeTrainingArguments`` by the
-Trainer itself (``_hp_search_setup``) and picked up by ``FreezeTrainer`` when ``model_init`` rebuilds the
-model. Results are ranked by the validation metric; the best policy is saved as ``freeze_policy.json``.
+Each trial is one policy from a list of distinct candidates (by default :meth:`FreezeSearchSpace.policies`: how
+many groups to freeze, whether and how to unfreeze them, at what LR scale, with or without ``train_bn``). The
+trial's hp_space returns the policy as ``FreezeTrainingArguments`` fields; ``FreezeTrainer.call_model_init``
+reads them from the trial itself (the Trainer builds the model *before* it copies the trial's fields onto the
+args), and the objective checks that the model trained the policy the trial sampled. Results are ranked by the
+validation metric; the best policy is saved as ``freeze_policy.json``.
 
     trainer = FreezeTrainer(model_init=..., args=FreezeTrainingArguments(...), train_dataset=..., eval_dataset=...,
                             compute_metrics=...)
@@ -15,51 +17,132 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import FreezePolicyError
-from .policy import FreezePolicy
+from .policy import FreezePolicy, Unfreeze, resolve
 
 
 @dataclass
 class FreezeSearchSpace:
-    """The choices a trial combines. ``freeze`` values as in FreezePolicy ("backbone" or a group count)."""
+    """The choices a trial combines. ``freeze``: "backbone", "half" or a group count.
+
+    :meth:`policies` turns them into the list of *distinct* candidate policies for one model: combinations that
+    would train the same way (an ``lr_scale`` with schedule ``none``, ``gradual`` when only one group is frozen,
+    ``train_bn`` on a model without BatchNorm, "half" equal to "backbone" on a shallow model) appear once.
+    """
 
     freeze: list[str] = field(default_factory=lambda: ["backbone", "half"])
     schedule: list[str] = field(default_factory=lambda: ["none", "late", "gradual"])
     lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1])
     train_bn: list[bool] = field(default_factory=lambda: [False])
 
-    def grid(self) -> dict[str, list]:
-        return {"freeze": list(self.freeze), "schedule": list(self.schedule), "lr_scale": list(self.lr_scale),
-                "train_bn": list(self.train_bn)}
+    def policies(self, groups, epochs: float, bn_groups: Iterable[str] = ()) -> list[FreezePolicy]:
+        """The distinct policies of this space for a model with ``groups`` (``hf_freeze.layer_groups``), trained
+        for ``epochs``; ``bn_groups``: the groups holding BatchNorm statistics (they decide whether ``train_bn``
+        changes anything). First occurrence wins, in the order freeze x schedule x lr_scale x train_bn."""
+        _check_choices(self)
+        depths = {f: _depth(f, len(groups)) for f in self.freeze}
+        bn_groups = set(bn_groups)
+        chosen: dict[tuple, FreezePolicy] = {}
+        for freeze in self.freeze:
+            value = "backbone" if freeze == "backbone" else depths[freeze]
+            for kind in self.schedule:
+                for scale in self.lr_scale:
+                    events = schedule_string(kind, epochs, scale, depths[freeze])
+                    for bn in self.train_bn:
+                        policy = FreezePolicy(freeze=value, train_bn=bool(bn),
+                                              unfreeze=[Unfreeze.from_string(e) for e in events.split(",") if e])
+                        chosen.setdefault(policy_key(policy, groups, bn_groups), policy)
+        return list(chosen.values())
+
+
+def _depth(freeze: str | int, num_groups: int) -> int:
+    """How many groups (from the input) a ``freeze`` choice freezes: backbone = all but the head."""
+    if freeze == "backbone":
+        return num_groups - 1
+    if freeze == "half":
+        return max(1, (num_groups - 1) // 2)
+    return int(freeze)
+
+
+def _check_choices(space: FreezeSearchSpace) -> None:
+    problems = []
+    for name in ("freeze", "schedule", "lr_scale", "train_bn"):
+        if not list(getattr(space, name)):
+            problems.append(f"{name} has no choice")
+    for f in space.freeze:
+        if f not in ("backbone", "half") and not str(f).isdigit():
+            problems.append(f"freeze choice {f!r}: expected 'backbone', 'half' or a group count")
+    for kind in space.schedule:
+        if kind not in SCHEDULES:
+            problems.append(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+    if problems:
+        raise FreezePolicyError("invalid FreezeSearchSpace: " + "; ".join(problems))
+
+
+SCHEDULES = ("none", "late", "gradual")
 
 
 def schedule_string(kind: str, epochs: float, lr_scale: float, frozen_groups: int) -> str:
     """An unfreeze schedule for ``epochs`` of training: none, late (1 group at half-time), gradual (1 group at 1/3 and 2/3)."""
     scale = f"@{lr_scale:g}" if lr_scale != 1.0 else ""
+    if kind not in SCHEDULES:
+        raise FreezePolicyError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
     if kind == "none" or frozen_groups == 0:
         return ""
-    if kind == "late":
+    if kind == "late" or frozen_groups < 2:
         return f"epoch{epochs / 2:g}:1{scale}"
-    if kind == "gradual":
-        if frozen_groups < 2:
-            return f"epoch{epochs / 2:g}:1{scale}"
-        return f"epoch{epochs / 3:.3g}:1{scale},epoch{2 * epochs / 3:.3g}:1{scale}"
-    raise FreezePolicyError(f"unknown schedule {kind!r}; valid: none, late, gradual")
+    return f"epoch{epochs / 3:.3g}:1{scale},epoch{2 * epochs / 3:.3g}:1{scale}"
 
 
-def make_hp_space(space: FreezeSearchSpace, num_groups: int, epochs: float):
-    """An optuna ``hp_space`` that returns FreezeTrainingArguments fields (freeze, unfreeze, train_bn)."""
+def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset()) -> tuple:
+    """What ``policy`` does to a model with ``groups``: two policies with the same key train the same way.
+
+    The resolved plan (frozen parameters, unfreeze events with their groups and LR scales, per-group LR decay), plus
+    ``train_bn``/``unfreeze_bn`` only where they change a BatchNorm layer, and the adapter.
+    """
+    plan = resolve(policy, groups)
+    frozen_groups = {g.name for g in groups if plan.frozen_params & set(g.param_names)}
+    unfrozen_later = {g for e in plan.events for g in e.groups}
+    train_bn = policy.train_bn and bool(frozen_groups & bn_groups)
+    unfreeze_bn = policy.unfreeze_bn and not policy.train_bn and bool(unfrozen_later & bn_groups)
+    events = tuple((e.at_epoch, e.at_step, e.groups, e.lr_scale) for e in plan.events)
+    adapter = policy.adapter.to_string() if policy.adapter is not None else None
+    return (plan.frozen_params, events, tuple(sorted(plan.depth_scale.items())), train_bn, unfreeze_bn, adapter)
+
+
+def norm_groups(model, groups) -> set[str]:
+    """The groups holding BatchNorm running statistics."""
+    from .batchnorm import stat_norms
+
+    group_of = groups.group_of()
+    return {group_of[f"{name}.{b}"] for name, m in stat_norms(model).items() for b, _ in m.named_buffers(recurse=False)
+            if f"{name}.{b}" in group_of}
+
+
+def trial_fields(policy: FreezePolicy) -> dict:
+    """The ``FreezeTrainingArguments`` fields a trial sets (``Trainer._hp_search_setup``) for ``policy``."""
+    if policy.adapter is not None or policy.layer_lr_decay is not None or not policy.verify:
+        raise FreezePolicyError(f"search candidate {policy.to_string()!r}: a search trial sets freeze, unfreeze, "
+                                "train_bn and unfreeze_bn only")
+    f = policy.freeze
+    return {"freeze": ",".join(f) if isinstance(f, list) else str(f),
+            "unfreeze": ",".join(u.to_string() for u in policy.unfreeze),
+            "train_bn": policy.train_bn, "unfreeze_bn": policy.unfreeze_bn}
+
+
+def make_hp_space(policies: list[FreezePolicy]):
+    """An optuna ``hp_space``: one categorical ``policy`` over the candidates, returned as FreezeTrainingArguments
+    fields. ``FreezeTrainer`` reads the trial itself when it builds the trial's model (see its ``call_model_init``)."""
+    choices = [p.to_string() for p in policies]
+    for p in policies:
+        trial_fields(p)  # refuse what a trial cannot set, before any trial runs
 
     def hp_space(trial) -> dict:
-        choice = {k: trial.suggest_categorical(k, v) for k, v in space.grid().items()}
-        freeze = choice["freeze"]
-        depth = num_groups - 1 if freeze == "backbone" else max(1, (num_groups - 1) // 2) if freeze == "half" else int(freeze)
-        freeze_value = "backbone" if freeze == "backbone" else str(depth)
-        unfreeze = schedule_string(choice["schedule"], epochs, choice["lr_scale"], depth)
-        return {"freeze": freeze_value, "unfreeze": unfreeze, "train_bn": bool(choice["train_bn"])}
+        return trial_fields(FreezePolicy.from_string(trial.suggest_categorical("policy", choices)))
 
     return hp_space
 
@@ -106,10 +189,17 @@ class SearchResult:
 
 
 def search_freeze_policies(trainer, n_trials: int = 8, metric: str = "eval_accuracy", direction: str = "maximize",
-                           space: FreezeSearchSpace | None = None, seed: int = 0) -> SearchResult:
-    """Run ``trainer.hyperparameter_search`` over freeze policies; ``trainer`` needs ``model_init``."""
+                           space: FreezeSearchSpace | None = None, seed: int = 0,
+                           policies: list[FreezePolicy | str] | None = None) -> SearchResult:
+    """Run ``trainer.hyperparameter_search`` (optuna, grid sampler) over freeze policies; ``trainer`` needs ``model_init``.
+
+    The candidates are ``policies`` if given, else ``space.policies(...)`` (default :class:`FreezeSearchSpace`) for
+    the model ``model_init`` builds: distinct policies only. Each trial trains the policy it sampled (checked: a
+    mismatch raises); at most ``n_trials`` of them run, without repeats, each to the end (no pruning).
+    """
     import optuna
 
+    from .apply import get_state
     from .groups import layer_groups
 
     if trainer.model_init is None:
@@ -117,21 +207,36 @@ def search_freeze_policies(trainer, n_trials: int = 8, metric: str = "eval_accur
                          "from the pretrained model)")
     if not hasattr(trainer.args, "freeze_policy"):
         raise ValueError("search_freeze_policies needs FreezeTrainingArguments (the trial sets its freeze fields)")
-    space = space or FreezeSearchSpace()
-    num_groups = len(layer_groups(trainer.call_model_init()))
+    if getattr(trainer.args, "freeze_policy_file", None):
+        raise ValueError(f"freeze_policy_file={trainer.args.freeze_policy_file!r} fixes the policy, so the trials "
+                         "could not change it; drop it for the search (use it afterwards with the best policy)")
+    if policies is None:
+        model = trainer.call_model_init()
+        groups = layer_groups(model)
+        policies = (space or FreezeSearchSpace()).policies(groups, trainer.args.num_train_epochs,
+                                                           norm_groups(model, groups))
+    policies = [FreezePolicy.coerce(p) for p in policies]
+    if not policies:
+        raise ValueError("no candidate policy to search")
     rows: dict[int, dict] = {}
 
     def objective(metrics: dict) -> float:
         trial = trainer._trial
-        rows[trial.number] = {"trial": trial.number, "policy": trainer.freeze_policy.to_string(), **trial.params,
+        sampled, applied = trial.params["policy"], get_state(trainer.model).policy.to_string()
+        if applied != sampled:  # the guarantee this search gives: a trial's score belongs to the policy it sampled
+            raise RuntimeError(f"trial {trial.number} sampled {sampled!r} but trained {applied!r}")
+        rows[trial.number] = {"trial": trial.number, "policy": applied,
                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         if metric not in metrics:
             raise KeyError(f"metric {metric!r} not in evaluation metrics {sorted(metrics)}")
         return metrics[metric]
 
-    sampler = optuna.samplers.GridSampler(space.grid(), seed=seed)
-    trainer.hyperparameter_search(hp_space=make_hp_space(space, num_groups, trainer.args.num_train_epochs),
-                                  compute_objective=objective, n_trials=n_trials, direction=direction,
-                                  backend="optuna", sampler=sampler)
+    grid = {"policy": [p.to_string() for p in policies]}
+    sampler = optuna.samplers.GridSampler(grid, seed=seed)
+    # no pruner: optuna's default (MedianPruner) stops trials early, whose mid-training scores would then be
+    # ranked against the final scores of the others
+    trainer.hyperparameter_search(hp_space=make_hp_space(policies), compute_objective=objective,
+                                  n_trials=min(n_trials, len(policies)), direction=direction, backend="optuna",
+                                  sampler=sampler, pruner=optuna.pruners.NopPruner())
     ranked = sorted(rows.values(), key=lambda r: r[metric], reverse=direction == "maximize")
     return SearchResult(metric, direction, ranked)

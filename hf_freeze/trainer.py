@@ -15,13 +15,25 @@ from . import feature_cache as fc
 from .adapters import add_adapter
 from .apply import get_state
 from .callback import CONFIG_KEY, FreezeCallback
-from .delta import DELTA_MANIFEST, DELTA_WEIGHTS, FULL_WEIGHTS, apply_delta, is_delta, remove_weights, save_delta
+from .checkpoints import last_complete_checkpoint
+from .delta import (
+    ADAPTER_BASE,
+    DELTA_MANIFEST,
+    DELTA_WEIGHTS,
+    FULL_WEIGHTS,
+    apply_delta,
+    apply_delta_restoring_base,
+    is_delta,
+    remove_weights,
+    save_adapter_base,
+    save_delta,
+)
 from .errors import FreezePolicyError
 from .groups import peft_wrappers, unwrap_model
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
 from .param_groups import freeze_param_groups
-from .policy import FreezePolicy
+from .policy import FreezePolicy, Timing
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +90,24 @@ class FreezeTrainerMixin:
             groups = freeze_param_groups(opt_model, state, kwargs.pop("lr", self.args.learning_rate), self.args.weight_decay)
             self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
         return super().create_optimizer(model)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
+        (:func:`hf_freeze.checkpoints.last_complete_checkpoint`: a folder left half-written by a crash is skipped,
+        with a warning naming it and why)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir,
+                                                                  needs_optimizer=not self.args.save_only_model))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def set_initial_training_values(self, args, dataloader):
+        """``Trainer``'s step counting; the freeze plan learns it here, before the optimizer is built."""
+        values = super().set_initial_training_values(args, dataloader)
+        _, steps_per_epoch, _, _, _, batches_per_epoch, _ = values
+        self.freeze_callback.set_timing(self.model, Timing(steps_per_epoch, batches_per_epoch,
+                                                           max(args.gradient_accumulation_steps, 1)))
+        return values
 
     # ------------------------------------------------------------------ linear-probe feature cache
     def _real_batch(self, indices) -> dict:
@@ -137,13 +167,25 @@ class FreezeTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
-        from_args = getattr(self.args, "freeze_policy", None)
-        if trial is not None and callable(from_args) and from_args() is not None:
-            self.freeze_callback.policy = from_args()  # a search trial set the freeze fields on the args
+        policy = self._trial_policy(trial)
+        if policy is not None:
+            self.freeze_callback.policy = policy
         if self.freeze_policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, self.freeze_policy)
         self.freeze_callback.setup(model, self.args)
         return model
+
+    def _trial_policy(self, trial) -> FreezePolicy | None:
+        """The policy a hyperparameter-search trial asks for, read from the trial itself.
+
+        ``Trainer.train`` builds the trial's model (``call_model_init(trial)``) *before* ``_hp_search_setup(trial)``
+        copies the trial's fields onto the args, so the args still hold the previous trial's values here.
+        """
+        backend = getattr(self, "hp_search_backend", None)
+        if trial is None or backend is None:
+            return None
+        params = self.hp_space(trial) if str(getattr(backend, "value", backend)) == "optuna" else dict(trial)
+        return policy_from_fields(self.args, params)
 
     # ------------------------------------------------------------------ saving: full or delta
     @property
@@ -156,16 +198,25 @@ class FreezeTrainerMixin:
         config = getattr(model, "config", None)
         if config is not None:
             setattr(config, CONFIG_KEY, self.freeze_policy.to_dict())
-        if self.saves_delta:
+        state = get_state(model)
+        adapter = state is not None and state.adapter is not None
+        base = dict(base_model=getattr(self.args, "delta_base_model", None),
+                    base_revision=getattr(self.args, "delta_base_revision", None))
+        if self.saves_delta and not adapter:
             if self.args.should_save:
-                save_delta(model, output_dir, base_model=getattr(self.args, "delta_base_model", None),
-                           base_revision=getattr(self.args, "delta_base_revision", None), state_dict=state_dict)
+                save_delta(model, output_dir, state_dict=state_dict, **base)
                 self._save_extras(output_dir)
             return
-        super()._save(output_dir, state_dict)
+        super()._save(output_dir, state_dict)  # with an adapter: the adapter files, the delta of an adapter run
         if self.args.should_save:
-            remove_weights(Path(output_dir), (DELTA_MANIFEST, DELTA_WEIGHTS))  # a stale delta must not shadow these
+            stale = (DELTA_MANIFEST, DELTA_WEIGHTS) + (() if self.saves_delta else (ADAPTER_BASE,))
+            remove_weights(Path(output_dir), stale)  # a stale delta must not shadow these
             self.freeze_policy.save_pretrained(output_dir)
+            if adapter:
+                if config is not None:  # PEFT saves no config: keep the fine-tuned one (labels, freeze_policy)
+                    config.save_pretrained(output_dir)
+                if self.saves_delta:
+                    save_adapter_base(self.model, output_dir, **base)
 
     def _save_extras(self, output_dir: str) -> None:
         """What ``Trainer._save`` writes beside the weights: the processing class and the training arguments."""
@@ -182,7 +233,7 @@ class FreezeTrainerMixin:
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
         if best and is_delta(best) and not _has_full_weights(best):
-            apply_delta(self.model, best)
+            apply_delta_restoring_base(self.model, best)  # groups unfrozen after it: back to the base's tensors
             return
         super()._load_best_model()
 
@@ -209,7 +260,7 @@ class FreezeTrainerMixin:
             config.base_model, config.base_revision = (getattr(self.args, "delta_base_model", None),
                                                        getattr(self.args, "delta_base_revision", None))
         write_model_card(self.model, self.args.output_dir, config, log_history=self.state.log_history,
-                         events_log=self.freeze_callback.events_log,
+                         events_log=self.freeze_callback.events_log, after_saved=self.freeze_callback.after_saved,
                          hyperparameters=extract_hyperparameters_from_trainer(self))
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
@@ -231,7 +282,7 @@ class FreezeTrainerMixin:
                 and not self.push_in_progress.is_done())  # the Trainer skips this push: don't touch files in flight
         if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
             out = Path(self.args.output_dir)
-            for name in ("freeze_policy.json", DELTA_MANIFEST, DELTA_WEIGHTS):
+            for name in ("freeze_policy.json", DELTA_MANIFEST, DELTA_WEIGHTS, ADAPTER_BASE):
                 if (Path(checkpoint_folder) / name).is_file():
                     shutil.copy(Path(checkpoint_folder) / name, out / name)
             if self.saves_delta:
@@ -259,6 +310,18 @@ def _pick_policy(explicit, training_args, model) -> FreezePolicy:
     if isinstance(recorded, dict):
         return FreezePolicy.from_dict(recorded)
     return FreezePolicy()
+
+
+def policy_from_fields(args, params: dict) -> FreezePolicy | None:
+    """The policy of ``args``' freeze fields with ``params`` (a trial's FreezeArguments values) put over them."""
+    from dataclasses import fields
+
+    from .args import FreezeArguments
+
+    if not isinstance(args, FreezeArguments):
+        return None
+    values = {f.name: params.get(f.name, getattr(args, f.name)) for f in fields(FreezeArguments)}
+    return FreezeArguments(**values).freeze_policy()
 
 
 def policy_from_pretrained(path: str | os.PathLike) -> FreezePolicy:

@@ -88,17 +88,43 @@ def test_unfreeze_groups_trains_them_from_then_on():
         hf_freeze.unfreeze_groups(model, ["stage.8"])
 
 
-def test_unfreeze_bn_lets_unfrozen_batchnorm_use_batch_statistics():
+def norm_claims(model) -> tuple[set[str], set[str], set[str]]:
+    """(buffers of BatchNorm layers locked in inference mode, buffers of the others, fingerprinted tensor names)."""
+    from hf_freeze import batchnorm
+
+    locked, free = set(), set()
+    for name, module in batchnorm.stat_norms(model).items():
+        (locked if batchnorm.is_locked(module) else free).update(f"{name}.{b}" for b, _ in module.named_buffers(recurse=False))
+    return locked, free, set(hf_freeze.get_state(model).fingerprint.digests)
+
+
+@pytest.mark.parametrize("policy,stage1_norms", [
+    ("freeze=backbone;unfreeze=epoch1:1", "eval (locked)"),  # default: statistics kept, still verified
+    ("freeze=backbone;unfreeze=epoch1:1;unfreeze_bn=true", "train"),
+    ("freeze=backbone;unfreeze=epoch1:1;train_bn=true", "train"),  # train_bn: they kept training while frozen
+    ("freeze=backbone;unfreeze=epoch1:1;train_bn=true;unfreeze_bn=true", "train"),
+])
+def test_batchnorm_of_an_unfrozen_group_and_what_is_claimed_verified(policy, stage1_norms):
     model = tiny_model("resnet")
-    hf_freeze.apply_policy(model, "freeze=backbone;unfreeze=epoch1:1;unfreeze_bn=true")
+    hf_freeze.apply_policy(model, policy)
     hf_freeze.unfreeze_groups(model, ["stage.1"], when="epoch 1")
-    assert hf_freeze.freeze_report(model).row("stage.1").norms == "train"
+    report = hf_freeze.freeze_report(model)
+    assert report.row("stage.1").norms == stage1_norms
+    assert report.row("stem").norms == ("train" if "train_bn" in policy else "eval (locked)")
+    locked, free, fingerprinted = norm_claims(model)
+    assert locked <= fingerprinted and not free & fingerprinted  # verified exactly when kept
+    stage1_stats = {n for n in locked | free if n.startswith("resnet.encoder.stages.1.") and "running_mean" in n}
+    assert stage1_stats and stage1_stats <= (free if stage1_norms == "train" else locked)
     before = snapshot(model)
     train_steps(model)
     changed = set(changed_names(before, model))
-    assert any(n.startswith("resnet.encoder.stages.1.") and n.endswith("running_mean") for n in changed)
-    assert not any(n.startswith(("resnet.encoder.stages.0.", "resnet.embedder.")) for n in changed)
-    assert hf_freeze.changed_frozen_tensors(model) == []
+    assert bool(stage1_stats & changed) == (stage1_norms == "train")
+    assert not changed & fingerprinted and hf_freeze.changed_frozen_tensors(model) == []
+    if stage1_norms != "train":  # a kept statistic that changes is caught
+        name = sorted(stage1_stats)[0]
+        with torch.no_grad():
+            model.get_buffer(name).add_(1e-3)
+        assert hf_freeze.changed_frozen_tensors(model) == [name]
 
 
 def test_unfreeze_does_not_hide_an_earlier_violation():
@@ -122,13 +148,32 @@ def test_reapply_and_remove_restore_normal_behaviour():
     hf_freeze.remove_policy(model)  # idempotent
 
 
-def test_remove_keeps_user_requires_grad_choices():
+def test_a_parameter_the_user_froze_stays_frozen_through_the_policy_and_its_events():
     model = tiny_model("resnet")
-    model.classifier[1].bias.requires_grad_(False)
-    hf_freeze.apply_policy(model, "none")
-    assert model.classifier[1].bias.requires_grad
+    bias = model.classifier[1].bias  # in the head, which the policy trains
+    conv = model.resnet.encoder.stages[1].layers[0].layer[0].convolution.weight  # in stage.1, which it unfreezes
+    bias.requires_grad_(False)
+    conv.requires_grad_(False)
+    report = hf_freeze.apply_policy(model, "freeze=backbone;unfreeze=epoch1:1")
+    assert not bias.requires_grad and model.classifier[1].weight.requires_grad
+    head = report.row("head")
+    assert (head.state, head.trainable, head.user_frozen) == ("partial", model.classifier[1].weight.numel(), bias.numel())
+    assert f"partial ({bias.numel():,} frozen by the user)" in str(report)
+    assert report.row("stage.1").user_frozen == conv.numel() and "frozen by the user" in report.to_markdown()
+    hf_freeze.unfreeze_groups(model, ["stage.1"], when="epoch 1")
+    stage1 = hf_freeze.freeze_report(model).row("stage.1")
+    assert not conv.requires_grad and stage1.state == "partial" and stage1.trainable == stage1.params - conv.numel()
+    before = snapshot(model)
+    train_steps(model)
+    changed = set(changed_names(before, model))
+    assert "classifier.1.weight" in changed and {"classifier.1.bias", "resnet.encoder.stages.1.layers.0.layer.0.convolution.weight"}.isdisjoint(changed)
+    fingerprinted = hf_freeze.get_state(model).fingerprint.digests
+    assert {"classifier.1.bias", "resnet.encoder.stages.1.layers.0.layer.0.convolution.weight"} <= set(fingerprinted)
+    with torch.no_grad():
+        bias.add_(1.0)
+    assert hf_freeze.changed_frozen_tensors(model) == ["classifier.1.bias"]
     hf_freeze.remove_policy(model)
-    assert not model.classifier[1].bias.requires_grad
+    assert not bias.requires_grad and not conv.requires_grad and model.resnet.embedder.embedder.convolution.weight.requires_grad
 
 
 def test_partial_glob_freeze_locks_only_fully_frozen_norms():
@@ -154,8 +199,11 @@ def test_report_table_and_totals():
     assert md.count("\n") == 5 and "| head |" in md
 
 
-def test_wrapped_models_are_unwrapped():
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile], ids=["DataParallel", "torch.compile"])
+def test_wrapped_models_are_unwrapped(wrap):
     model = tiny_model("resnet")
-    compiled = torch.nn.DataParallel(model)
-    hf_freeze.apply_policy(compiled, "backbone")
-    assert hf_freeze.get_state(model) is not None and hf_freeze.get_state(compiled) is hf_freeze.get_state(model)
+    wrapped = wrap(model)
+    assert wrapped is not model
+    hf_freeze.apply_policy(wrapped, "backbone")
+    assert hf_freeze.get_state(model) is not None and hf_freeze.get_state(wrapped) is hf_freeze.get_state(model)
+    assert not model.resnet.embedder.embedder.convolution.weight.requires_grad and model.classifier[1].weight.requires_grad

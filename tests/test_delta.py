@@ -193,3 +193,31 @@ def test_delta_flags_parse_with_hf_argument_parser(tmp_path):
         "--output_dir", str(tmp_path), "--save_delta", "--delta_base_model", "org/base", "--delta_base_revision", "abc"])
     assert (args.save_delta, args.delta_base_model, args.delta_base_revision) == (True, "org/base", "abc")
     assert args.freeze_policy() is None  # saving flags are not freeze flags
+
+
+def test_adapter_run_with_save_delta_saves_a_loadable_adapter_delta(tmp_path):
+    """An adapter run's delta is its adapter folder, plus the base it applies to and the base's fingerprint."""
+    from hf_freeze.delta import ADAPTER_BASE
+
+    base_dir, model = saved_base(tmp_path)
+    policy = "train_bn=true;adapter=lora,r=4,groups=1"  # BatchNorm statistics travel as saved copies
+    trainer = train(model, tmp_path, policy=policy, save_delta=True, save_strategy="steps", save_steps=2)
+    trained = logits(trainer.model)
+    trainer.save_model(str(tmp_path / "final"))
+    hf_freeze.save_delta(trainer.model, tmp_path / "direct")  # the same, without the Trainer
+    for folder in (tmp_path / "final", tmp_path / "direct", tmp_path / "out" / "checkpoint-2"):
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "freeze_policy.json", "config.json", ADAPTER_BASE} <= files
+        assert not files & {"model.safetensors", DELTA_WEIGHTS, DELTA_MANIFEST}
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir.resolve())
+    for folder in (tmp_path / "final", tmp_path / "direct"):
+        reloaded = hf_freeze.from_pretrained(folder)
+        assert torch.equal(logits(reloaded), trained)
+        assert hf_freeze.get_state(reloaded).policy == hf_freeze.FreezePolicy.from_string(policy)
+    # the base it was trained on changed: refused, naming the tensor
+    weights = load_file(base_dir / "model.safetensors")
+    name = "resnet.embedder.embedder.convolution.weight"
+    weights[name][0, 0, 0, 0] += 1e-3
+    save_file(weights, base_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BaseModelChanged, match=name):
+        hf_freeze.from_pretrained(tmp_path / "final")

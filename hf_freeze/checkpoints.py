@@ -1,0 +1,137 @@
+"""Which checkpoint to resume from: the newest *complete* one.
+
+A run killed while the Trainer writes ``checkpoint-N`` leaves a folder with an empty or missing
+``trainer_state.json``, a truncated weights file or no optimizer state. ``transformers``' ``get_last_checkpoint``
+picks it anyway and the resume fails (``JSONDecodeError`` naming no file) or, without ``optimizer.pt``, silently
+restarts the optimizer. :func:`last_complete_checkpoint` skips such folders, saying which and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+
+from .delta import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS
+
+logger = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except Exception as e:  # SafetensorError: header too small, file not fully covered, ...
+        return f"{path.name} is unreadable ({e})"
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """A ``torch.save`` file is a zip archive: a truncated one has no end-of-archive record."""
+    return None if zipfile.is_zipfile(path) else f"{path.name} is truncated or not a torch.save file"
+
+
+def _json_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"no {path.name}"
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        return f"{path.name} is empty"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"{path.name} is not valid JSON ({e})"
+    return None
+
+
+def _weights_problem(folder: Path) -> str | None:
+    """The model weights: full (single file or index + every shard), an hf_freeze delta or a PEFT adapter."""
+    if (folder / DELTA_MANIFEST).is_file():
+        return _json_problem(folder / DELTA_MANIFEST) or (
+            _safetensors_problem(folder / DELTA_WEIGHTS) if (folder / DELTA_WEIGHTS).is_file() else f"no {DELTA_WEIGHTS}")
+    if (folder / ADAPTER_FILES[0]).is_file():
+        weights = folder / ADAPTER_FILES[1]
+        return _json_problem(folder / ADAPTER_FILES[0]) or (
+            _safetensors_problem(weights) if weights.is_file() else f"no {weights.name}")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            problem = _json_problem(folder / index)
+            if problem:
+                return problem
+            shards = sorted(set(json.loads((folder / index).read_text()).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                return f"{index} lists missing shard(s) {missing[:3]}"
+            check = _safetensors_problem if index.startswith("model.safetensors") else _torch_file_problem
+            return next((p for p in (check(folder / s) for s in shards) if p), None)
+    if (folder / "model.safetensors").is_file():
+        return _safetensors_problem(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return _torch_file_problem(folder / "pytorch_model.bin")
+    return "no model weights (model.safetensors, an hf_freeze delta or a PEFT adapter)"
+
+
+def checkpoint_problem(folder: str | os.PathLike, needs_optimizer: bool = True) -> str | None:
+    """Why ``folder`` cannot be resumed from (None: it is complete).
+
+    Complete: ``trainer_state.json`` is valid JSON with a ``global_step``, the weights are readable, and (unless
+    ``needs_optimizer`` is False, as with ``save_only_model``) ``optimizer.pt`` and ``scheduler.pt`` are readable.
+    """
+    folder = Path(folder)
+    state = folder / TRAINER_STATE
+    problem = _json_problem(state)
+    if problem:
+        return problem
+    if not isinstance(json.loads(state.read_text()).get("global_step"), int):
+        return f"{TRAINER_STATE} has no global_step"
+    problem = _weights_problem(folder)
+    if problem or not needs_optimizer:
+        return problem
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = folder / name
+        if path.is_file():
+            problem = _torch_file_problem(path)
+        elif name == "optimizer.pt" and any(p.name.startswith("optimizer") for p in folder.iterdir()):
+            problem = None  # sharded optimizer state (FSDP, DeepSpeed): written by its own engine
+        else:
+            problem = f"no {name}"
+        if problem:
+            return problem
+    return None
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` folders in ``output_dir``, newest (highest N) first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, needs_optimizer: bool = True) -> Path:
+    """The newest complete ``checkpoint-N`` in ``output_dir``; each newer incomplete one is skipped with a warning.
+
+    Raises ValueError naming every broken folder and what is wrong with it when none is complete (or when there
+    is no checkpoint at all).
+    """
+    skipped = []
+    for folder in checkpoints(output_dir):
+        problem = checkpoint_problem(folder, needs_optimizer)
+        if problem is None:
+            for name, why in skipped:
+                logger.warning("hf_freeze: not resuming from %s, which is incomplete (%s); resuming from %s",
+                               name, why, folder)
+            return folder
+        skipped.append((str(folder), problem))
+    if not skipped:
+        raise ValueError(f"resume_from_checkpoint=True: no checkpoint-N folder in {output_dir}")
+    raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {output_dir}: "
+                     + "; ".join(f"{name}: {why}" for name, why in skipped)
+                     + ". Resume from another folder (resume_from_checkpoint=PATH) or start again.")
