@@ -204,6 +204,13 @@ def _low_precision_later(model, policy) -> list[str]:
                   and str(p.dtype) != "torch.float32")
 
 
+def check_model_data(model, policy, args=None) -> None:
+    """Before a Trainer touches the model: refuse frozen tensors without data (meta / offloaded) when verifying."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    if model is not None and getattr(policy, "verify", True) and not plugin_args.get("cpu_ram_efficient_loading"):
+        _check_verifiable(model, Backend())
+
+
 def _check_verifiable(model, backend: Backend) -> None:
     """Frozen tensors on the meta device cannot be verified (offloaded by device_map, or never loaded)."""
     from .fingerprint import meta_tensors, refuse_meta
