@@ -240,3 +240,33 @@ def test_manual_unfreeze_of_a_quantized_group_is_refused_untouched():
         hf_freeze.unfreeze_groups(model, ["stage.1"])
     assert same_state(model_state(model), before)
     hf_freeze.unfreeze_groups(model, ["stage.0"])  # a float group still unfreezes
+
+
+def test_bitsandbytes_int8_backbone_freezes_verifies_and_refuses_to_train(tmp_path):
+    """A real bitsandbytes LLM.int8 model on CPU (transformers' quantizer; the head kept in float)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'hf_freeze[quantization]'; not in the tests extra: importing it adds seconds to every process that imports peft)")
+    from transformers import AutoModelForImageClassification, BitsAndBytesConfig
+
+    tiny_model("vit").save_pretrained(tmp_path / "vit")
+    model = AutoModelForImageClassification.from_pretrained(
+        tmp_path / "vit", device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier"]))
+    int8 = [n for n, p in model.named_parameters() if type(p).__name__ == "Int8Params"]
+    assert int8 and all(n.startswith("vit.layers.") for n in int8)
+    before = model_state(model)
+    with pytest.raises(FreezePolicyError, match="\\['stage.1'\\] hold quantized .* unfreezes them"):
+        hf_freeze.apply_policy(model, "freeze=backbone;unfreeze=step1:2")  # neck + stage.1
+    assert same_state(model_state(model), before)
+    hf_freeze.apply_policy(model, "backbone")
+    assert set(int8) <= set(hf_freeze.get_state(model).fingerprint.digests)
+    head = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(head, lr=0.1)
+    data = TinyImages(8)
+    for i in range(2):
+        model(pixel_values=data.pixels[4 * i:4 * i + 4], labels=data.labels[4 * i:4 * i + 4]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    hf_freeze.verify_frozen(model)
+    after = snapshot(model)
+    assert all(identical(after[n], before["tensors"][n]) for n in int8)
+    assert not identical(after["classifier.weight"], before["tensors"]["classifier.weight"])
