@@ -230,12 +230,15 @@ def remove_policy(model: nn.Module) -> None:
     delattr(model, STATE_ATTR)
 
 
-def changed_frozen_tensors(model: nn.Module, state_dict: dict | None = None) -> list[str]:
-    """Frozen tensors no longer bit-identical to their fingerprint (see :func:`verify_frozen`)."""
+def changed_frozen_tensors(model: nn.Module, state_dict: dict | None = None, *, collective: bool = True) -> list[str]:
+    """Frozen tensors no longer bit-identical to their fingerprint (see :func:`verify_frozen`).
+
+    ``collective=False``: called on one rank alone; a sharded model then reports its last collective check.
+    """
     fingerprint = require_state(model).fingerprint
     model = unwrap_model(model)
     if state_dict is None:
-        return fingerprint.changed(model)
+        return fingerprint.changed(model) if collective else fingerprint.changed_local(model)
     return fingerprint.changed_in(base_state_dict(state_dict, model), model)
 
 

@@ -156,6 +156,10 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
 
     model = unwrap_model(model)
     state = require_state(model)
+    if state_dict is None and any(is_sharded(t) for t in named_tensors(model).values()):
+        raise ValueError("the model is sharded (FSDP2): pass the full state dict gathered to this rank, e.g. "
+                         "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                         "full_state_dict=True, cpu_offload=True)) (Trainer.save_model does this)")
     # a gathered state dict (sharded model, rank 0 alone): check the frozen tensors in it, no collective
     verify_frozen(model, "before saving a delta checkpoint", state_dict=state_dict)
     base, revision = base_reference(model, base_model, base_revision)

@@ -266,6 +266,8 @@ class Fingerprint:
 
     digests: dict[str, str] = field(default_factory=dict)
     scheme: int = SCHEME
+    #: on a sharded model: the verdict of the last collective :meth:`changed` (what :meth:`changed_local` reports)
+    last_changed: list[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -279,6 +281,20 @@ class Fingerprint:
     def changed(self, model: nn.Module) -> list[str]:
         """Names whose tensor is missing or no longer bit-identical (the same list on every rank)."""
         return self._changed(named_tensors(model))
+
+    def changed_local(self, model: nn.Module) -> list[str]:
+        """Like :meth:`changed`, callable on one rank alone (a model card written on rank 0).
+
+        On a sharded model that would need the other ranks, so it reports the last collective check instead
+        (the Trainer verifies on every rank at each save and at the end of training).
+        """
+        tensors = named_tensors(model)
+        if any(is_sharded(tensors[n]) for n in self.digests if n in tensors):
+            if self.last_changed is None:
+                raise RuntimeError("the model is sharded and was never verified on all ranks: call "
+                                   "hf_freeze.verify_frozen(model) on every rank first")
+            return list(self.last_changed)
+        return self._changed(tensors)
 
     def changed_in(self, tensors: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> list[str]:
         """Like :meth:`changed`, reading the tensors from ``tensors`` (e.g. a state dict gathered to this rank).
@@ -321,6 +337,8 @@ class Fingerprint:
             found, verdict = _sharded_digests(sharded, local)
             verdict += [n for n, d in found.items() if d != reference.get(n)]
         refuse_meta(sorted({n.removeprefix(META_PREFIX) for n in verdict if n.startswith(META_PREFIX)}))
+        if sharded:
+            self.last_changed = sorted(set(verdict))
         return sorted(set(verdict))
 
     def drop(self, names: Iterable[str]) -> None:

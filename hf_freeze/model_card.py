@@ -122,7 +122,7 @@ def preservation_text(model: nn.Module) -> tuple[str, dict]:
     state = get_state(model)
     if state is None:
         return "", {}
-    changed = changed_frozen_tensors(model)
+    changed = changed_frozen_tensors(model, collective=False)  # written on rank 0 alone
     tensors = len(state.fingerprint)
     fp = state.fingerprint.combined()
     if changed:

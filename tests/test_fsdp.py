@@ -70,6 +70,9 @@ def test_delta_saved_from_the_gathered_state_dict_resumes_and_reloads_unsharded(
     r0, r1 = records[model_type]
     manifest = json.loads((out / model_type / "delta" / "freeze_delta.json").read_text())
     assert manifest["version"] == 2 and sorted(manifest["frozen_digests"]) == r0["tracked"]
+    assert manifest["frozen_digests"] == {n: r0["fingerprint_unsharded"][n] for n in r0["tracked"]}
+    # rank 0 wrote the card's preservation line alone, from the last check made on every rank
+    assert r0["card"] == {"preserved": True, "frozen_tensors": len(r0["tracked"]), "fingerprint": manifest["fingerprint"]}
     # resume on the sharded model: events re-fired from the step, delta loaded through torch's state-dict API
     for r in (r0, r1):
         assert r["resumed_unfrozen"] == r0["unfrozen"]

@@ -25,6 +25,7 @@ from helpers import TinyImages, snapshot, tiny_model  # noqa: E402
 
 import hf_freeze  # noqa: E402
 from hf_freeze.fingerprint import Fingerprint, is_sharded  # noqa: E402
+from hf_freeze.model_card import preservation_text  # noqa: E402
 from hf_freeze.param_groups import freeze_param_groups  # noqa: E402
 
 POLICY = {"resnet": "freeze=backbone;unfreeze=step3:stage.1@0.5;layer_lr_decay=0.5",
@@ -121,8 +122,10 @@ def run(out, model_type):
     record["final"], record["base"] = final, base
 
     # save: the full state dict gathered to every rank; rank 0 writes the delta (verified on the gathered tensors)
+    # and the model card's preservation line (the last collective check: no collective on rank 0 alone)
     if rank == 0:
         hf_freeze.save_delta(model, out / "delta", base_model="tiny-base", state_dict=final)
+        record["card"] = preservation_text(model)[1]
     dist.barrier()
 
     # resume: a fresh model, policy applied unsharded, sharded, events re-fired at step STEPS, delta loaded
