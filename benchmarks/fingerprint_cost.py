@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import platform
 import statistics
 import time
@@ -65,7 +66,8 @@ def main(argv=None):
             fn()
             times[k].append(time.perf_counter() - t)
     lines = [f"{path.name}: {len(tensors)} frozen tensors, {nbytes / 2**20:.1f} MiB, {rows} dim-0 rows "
-             f"(torch {torch.__version__}, {platform.machine()}, 1 thread, median of {a.repeat})"]
+             f"(torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, 1 thread, median of {a.repeat}, "
+             f"load average {os.getloadavg()[0]:.1f})"]
     for k, ts in times.items():
         s = statistics.median(ts)
         lines.append(f"  {k:<48} {s * 1e3:7.1f} ms  ({nbytes / 2**20 / s:5.0f} MiB/s)")

@@ -15,9 +15,11 @@ DeepSpeed on only where they really run, e.g. ``fsdp=...`` on CPU falls back to 
   ``ddp_find_unused_parameters=True`` and a schedule runs in 2 processes (``tests/test_distributed.py``).
 * FSDP2 (the Trainer's default FSDP version): supported. It re-reads ``requires_grad`` on every forward; the
   fingerprint is split-independent, so frozen tensors are verified shard by shard (:mod:`hf_freeze.fingerprint`).
-* FSDP1: supported with ``use_orig_params=True`` (the Trainer's default for version 1); refused with
-  ``use_orig_params=False`` (accelerate's own default): a unit mixing frozen and trainable tensors fails to
-  wrap, and toggling after the wrap misses the flat parameter.
+* FSDP1 (deprecated by transformers): refused with ``use_orig_params=False`` (accelerate's own default: a unit
+  mixing frozen and trainable tensors fails to wrap, and toggling after the wrap misses the flat parameter), and
+  with verification on (its parameters are flattened slices of each rank's shard: nothing to compare with the
+  fingerprint; FSDP1 does not run on CPU, so this was never exercised). ``use_orig_params=True`` with
+  ``verify=False`` is let through unverified.
 * DeepSpeed ZeRO 0-2: supported without a schedule (2 CPU processes through the Trainer:
   ``tests/test_deepspeed.py``). Refused: an unfreeze schedule (tensors unfrozen after ``deepspeed.initialize``
   silently do not train), ZeRO-3 (parameters are partitioned outside torch's view: nothing to verify), and
@@ -139,8 +141,13 @@ def check_backend(args, policy, model=None, *, backend: Backend | None = None) -
     if backend.kind == "fsdp" and backend.fsdp_version == 1 and not backend.use_orig_params:
         raise FreezePolicyError(
             "FSDP1 with use_orig_params=False cannot mix frozen and trainable tensors in one unit (it fails to wrap, "
-            "or silently misses later unfreezing). Use FSDP2 (fsdp_config={'version': 2}, the Trainer's default) or "
-            "set fsdp_config={'use_orig_params': True}.")
+            "or silently misses later unfreezing). Use FSDP2 (fsdp_config={'version': 2}, the Trainer's default).")
+    if backend.kind == "fsdp" and backend.fsdp_version == 1 and getattr(policy, "verify", True):
+        raise FreezePolicyError(
+            "FSDP1 keeps each parameter as a flattened slice of its rank's shard, which hf_freeze cannot verify "
+            "against the fingerprint (and transformers removes FSDP1 in v5.20). Use FSDP2 (fsdp_config={'version': 2}, "
+            "the Trainer's default), or turn verification off (verify_frozen=False) to keep FSDP1 with "
+            "use_orig_params=True.")
     if backend.kind == "fsdp" and backend.fsdp_version == 2 and backend.mixed_precision != "no" and schedule:
         low = _low_precision_later(model, policy)
         if low:

@@ -41,15 +41,17 @@ def test_trainer_default_fsdp_config_is_fsdp2_and_accepts_a_schedule(tmp_path):
     assert (backend.kind, backend.fsdp_version) == ("fsdp", 2)
 
 
-def test_fsdp1_accepted_with_use_orig_params_refused_without(tmp_path):
+def test_fsdp1_refused_unless_use_orig_params_and_no_verification(tmp_path):
     args = training_args(tmp_path, fsdp="full_shard", fsdp_config={"version": 1})
     assert args.fsdp_plugin_args["use_orig_params"] is True  # the Trainer's FSDP1 default
     # (sync_module_states needs an accelerator device to build the plugin; it does not matter here)
     plugin = FullyShardedDataParallelPlugin(**{**args.fsdp_plugin_args, "sync_module_states": False})
-    check(args, SCHEDULE, st=state(DistributedType.FSDP, fsdp=plugin))
+    with pytest.raises(FreezePolicyError, match="FSDP1 keeps each parameter as a flattened slice"):
+        check(args, SCHEDULE, st=state(DistributedType.FSDP, fsdp=plugin))
+    check(args, SCHEDULE + ";verify=false", st=state(DistributedType.FSDP, fsdp=plugin))
     accelerate_default = FullyShardedDataParallelPlugin()  # version 1, use_orig_params=False
     with pytest.raises(FreezePolicyError, match="use_orig_params=False cannot mix frozen and trainable"):
-        check(args, "backbone", st=state(DistributedType.FSDP, fsdp=accelerate_default))
+        check(args, "freeze=backbone;verify=false", st=state(DistributedType.FSDP, fsdp=accelerate_default))
 
 
 def test_fsdp2_mixed_precision_refuses_a_schedule_over_low_precision_weights(tmp_path):
@@ -270,3 +272,23 @@ def test_bitsandbytes_int8_backbone_freezes_verifies_and_refuses_to_train(tmp_pa
     after = snapshot(model)
     assert all(identical(after[n], before["tensors"][n]) for n in int8)
     assert not identical(after["classifier.weight"], before["tensors"]["classifier.weight"])
+
+
+def test_the_readme_accelerate_fsdp2_config_gives_fsdp2_and_accepts_a_schedule(tmp_path, monkeypatch):
+    """examples/accelerate_fsdp2.yaml through accelerate's own launcher: the environment it sets, the plugin."""
+    from pathlib import Path
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate_fsdp2.yaml"
+    launch, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+    env = prepare_multi_gpu_env(launch)
+    for k, v in env.items():
+        if k.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()  # what the Accelerator builds from that environment
+    assert (plugin.fsdp_version, plugin.reshard_after_forward, str(plugin.state_dict_type)) == (
+        2, True, "StateDictType.FULL_STATE_DICT")
+    st = state(DistributedType.FSDP, world=int(launch.num_processes), mixed_precision="bf16", fsdp=plugin)
+    assert check(training_args(tmp_path), SCHEDULE, st=st).kind == "fsdp"

@@ -39,7 +39,9 @@ def test_unsharded_fingerprint_stays_valid_after_sharding(runs, model_type):
     assert set(r0["sharded_params"]) == set(_params(r0))  # every parameter is a DTensor shard
     assert r0["fingerprint_unsharded"] == r0["fingerprint_sharded"] == r1["fingerprint_sharded"]
     whole, sharded = r0["big_linear"]
-    assert whole == sharded == r1["big_linear"][1]
+    assert sharded == r1["big_linear"][1]
+    assert whole == {n: d for n, d in sharded.items() if "@" not in n}  # FSDP2 dim-0 shards
+    assert sharded["weight@S(1)"] == sharded["weight@R"] == whole["weight"]
 
 
 @pytest.mark.slow

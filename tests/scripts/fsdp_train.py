@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import TinyImages, snapshot, tiny_model  # noqa: E402
 
 import hf_freeze  # noqa: E402
-from hf_freeze.fingerprint import Fingerprint, is_sharded  # noqa: E402
+from hf_freeze.fingerprint import Fingerprint, is_sharded, tensor_digest  # noqa: E402
 from hf_freeze.model_card import preservation_text  # noqa: E402
 from hf_freeze.param_groups import freeze_param_groups  # noqa: E402
 
@@ -75,12 +75,19 @@ def main():
 
 
 def big_linear_digests():
-    """Digests of a 41 x 1000 fp32 weight (160 KiB: 10 leaves; rank 0 holds 21 rows, so a leaf straddles ranks)."""
+    """Digests of a 41 x 1000 fp32 weight (160 KiB: 10 leaves; rank 0 holds 21 rows, so a leaf straddles ranks),
+    whole, FSDP2-sharded, and as DTensors placed Shard(1) (the full_tensor() fallback) and Replicate()."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
     torch.manual_seed(3)
     layer = torch.nn.Linear(1000, 41)
     whole = Fingerprint.take(layer, ["weight", "bias"]).digests
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    other = {f"weight@{p}": tensor_digest(distribute_tensor(layer.weight.detach(), mesh, [p]))
+             for p in (Shard(1), Replicate())}
     fully_shard(layer)
-    return whole, Fingerprint.take(layer, ["weight", "bias"]).digests
+    return whole, {**Fingerprint.take(layer, ["weight", "bias"]).digests, **other}
 
 
 def run(out, model_type):
