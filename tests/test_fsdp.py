@@ -79,11 +79,14 @@ def test_delta_saved_from_the_gathered_state_dict_resumes_and_reloads_unsharded(
     for r in (r0, r1):
         assert r["resumed_unfrozen"] == r0["unfrozen"]
         assert [n for n in r0["final"] if not identical(r["resumed"][n], r0["final"][n])] == []
-    # the same delta rebuilds the trained model on an unsharded base, in this process
+    # the same delta rebuilds the trained model on an unsharded base, in this process; so does the full checkpoint
     model = tiny_model(model_type, seed=1)
     hf_freeze.apply_delta(model, out / model_type / "delta")
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
-    assert [n for n in r0["final"] if not identical(state[n], r0["final"][n])] == []
+    full = hf_freeze.from_pretrained(out / model_type / "full")
+    assert (out / model_type / "full" / "freeze_policy.json").is_file()
+    for m in (model, full):
+        state = dict(m.named_parameters()) | dict(m.named_buffers())
+        assert [n for n in r0["final"] if not identical(state[n], r0["final"][n])] == []
 
 
 @pytest.mark.slow

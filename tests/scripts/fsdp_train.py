@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import TinyImages, snapshot, tiny_model  # noqa: E402
+from helpers import TinyImages, snapshot, tiny_model, training_args  # noqa: E402
 
 import hf_freeze  # noqa: E402
 from hf_freeze.fingerprint import Fingerprint, is_sharded, tensor_digest  # noqa: E402
@@ -104,6 +104,9 @@ def run(out, model_type):
     record["sharded_params"] = sorted(n for n, p in model.named_parameters() if is_sharded(p))
     record["fingerprint_sharded"] = Fingerprint.take(model, sorted(state.fingerprint.digests)).digests
     hf_freeze.verify_frozen(model, "right after sharding")
+    # a FreezeTrainer around the sharded model, for its save/load methods (its Accelerator is DDP on CPU: unused)
+    trainer = hf_freeze.FreezeTrainer(model=model, freeze_policy=policy, args=training_args(
+        out / "trainer", save_delta=True, delta_base_model="tiny-base"))
 
     # per-group learning rates (layer decay x lr_scale) on the sharded parameters
     groups = freeze_param_groups(model, state, 0.05, 0.01)
@@ -128,10 +131,15 @@ def run(out, model_type):
     final = gathered(model)
     record["final"], record["base"] = final, base
 
-    # save: the full state dict gathered to every rank; rank 0 writes the delta (verified on the gathered tensors)
-    # and the model card's preservation line (the last collective check: no collective on rank 0 alone)
+    # save as Trainer.save_model does under FSDP: accelerate's options (the full state dict on rank 0 only), then
+    # FreezeTrainer._save on every rank (it writes on rank 0, a delta verified on the gathered tensors), then a full
+    # checkpoint; the model card's preservation line is the last check made on all ranks (rank 0 alone, no hang)
+    to_rank0 = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                    cpu_offload=True))
+    trainer._save(str(out / "delta"), state_dict=to_rank0)
+    trainer.args.save_delta = False
+    trainer._save(str(out / "full"), state_dict=to_rank0)
     if rank == 0:
-        hf_freeze.save_delta(model, out / "delta", base_model="tiny-base", state_dict=final)
         record["card"] = preservation_text(model)[1]
     dist.barrier()
 
@@ -141,7 +149,7 @@ def run(out, model_type):
     shard(fresh)
     resumed_cb = hf_freeze.FreezeCallback(policy, _param_groups=True)
     resumed_cb.on_train_begin(None, trainer_state(STEPS), control, model=fresh)
-    hf_freeze.apply_delta(fresh, out / "delta")
+    trainer._load_from_checkpoint(str(out / "delta"), fresh)  # a delta checkpoint: apply_delta on every rank
     record["resumed"] = gathered(fresh)
     record["resumed_unfrozen"] = dict(hf_freeze.get_state(fresh).unfrozen)
 
