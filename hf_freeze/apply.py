@@ -203,7 +203,8 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
     unknown = [g for g in group_names if g not in state.groups.names]
     if unknown:
         raise FreezePolicyError(f"unknown group(s) {unknown}; groups are {state.groups.names}")
-    stuck = [n for n, p in named_base_parameters(model) if cannot_train(p) and state.groups.group_of().get(n) in group_names]
+    group_of = state.groups.group_of()
+    stuck = [n for n, p in named_base_parameters(model) if cannot_train(p) and group_of.get(n) in group_names]
     if stuck:
         raise FreezePolicyError(f"cannot unfreeze {list(group_names)}: they hold quantized / integer parameters that "
                                 f"cannot train ({', '.join(stuck[:3])}); keep them frozen or train an adapter on them")
