@@ -16,7 +16,7 @@ from torch import nn
 
 from . import batchnorm
 from .errors import FreezePolicyError, FrozenWeightsChanged
-from .fingerprint import Fingerprint, named_tensors
+from .fingerprint import Fingerprint, base_state_dict, named_tensors
 from .groups import (
     COPY,
     LayerGroups,
@@ -85,6 +85,7 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     policy = FreezePolicy.coerce(policy)
     groups = layer_groups(model)
     plan = resolve(policy, groups)
+    _check_quantized(model, groups, plan)
     adapter = _check_adapter(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
     # with an adapter PEFT has frozen every pretrained parameter itself, and all of them stay frozen anyway
@@ -96,6 +97,38 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     set_frozen(model, plan.frozen_params)
     state.applied_fingerprint = Fingerprint(dict(state.fingerprint.digests))
     return freeze_report(model)
+
+
+QUANTIZED_PARAM_CLASSES = ("Params4bit", "Int8Params")  # bitsandbytes: quantized even with a float storage dtype
+
+
+def cannot_train(p) -> bool:
+    """Integer / quantized parameters: ``requires_grad_(True)`` fails on them (or would train quantized codes)."""
+    return not (p.is_floating_point() or p.is_complex()) or type(p).__name__ in QUANTIZED_PARAM_CLASSES
+
+
+def _check_quantized(model: nn.Module, groups: LayerGroups, plan: FreezePlan) -> None:
+    """Quantized parameters may be frozen, never trained: refuse a plan that trains or unfreezes their group."""
+    stuck = {n for n, p in named_base_parameters(model) if cannot_train(p)}
+    if not stuck:
+        return
+    trained = {n for g in groups for n in g.param_names} - plan.frozen_params
+    later = {n: e for e in plan.events for g in e.groups for n in groups[g].param_names}
+    bad = sorted(stuck & (trained | set(later)))
+    if bad:
+        group_of = groups.group_of()
+        names = sorted({group_of[n] for n in bad})
+        when = sorted({later[n].when for n in bad if n in later})
+        raise FreezePolicyError(
+            f"group(s) {names} hold quantized / integer parameters that cannot train ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}; dtype {_param(model, bad[0]).dtype}), but the policy "
+            f"{'unfreezes them (' + ', '.join(when) + ')' if when else 'trains them'}. Keep those groups frozen "
+            "(frozen quantized weights are fine: they are verified like any other), or train an adapter on them "
+            "(FreezePolicy(adapter=...)).")
+
+
+def _param(model: nn.Module, name: str):
+    return dict(named_base_parameters(model))[name]
 
 
 def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan):
@@ -196,6 +229,11 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
     unknown = [g for g in group_names if g not in state.groups.names]
     if unknown:
         raise FreezePolicyError(f"unknown group(s) {unknown}; groups are {state.groups.names}")
+    group_of = state.groups.group_of()
+    stuck = [n for n, p in named_base_parameters(model) if cannot_train(p) and group_of.get(n) in group_names]
+    if stuck:
+        raise FreezePolicyError(f"cannot unfreeze {list(group_names)}: they hold quantized / integer parameters that "
+                                f"cannot train ({', '.join(stuck[:3])}); keep them frozen or train an adapter on them")
     names = {n for g in group_names for n in state.groups[g].param_names} & state.frozen - state.user_frozen
     for g in group_names:
         state.unfrozen.setdefault(g, (when, lr_scale))
@@ -245,12 +283,26 @@ def remove_policy(model: nn.Module) -> None:
     delattr(model, STATE_ATTR)
 
 
-def changed_frozen_tensors(model: nn.Module) -> list[str]:
-    return require_state(model).fingerprint.changed(unwrap_model(model))
+def changed_frozen_tensors(model: nn.Module, state_dict: dict | None = None, *, collective: bool = True) -> list[str]:
+    """Frozen tensors no longer bit-identical to their fingerprint (see :func:`verify_frozen`).
+
+    ``collective=False``: called on one rank alone; a sharded model then reports its last collective check.
+    """
+    fingerprint = require_state(model).fingerprint
+    model = unwrap_model(model)
+    if state_dict is None:
+        return fingerprint.changed(model) if collective else fingerprint.changed_local(model)
+    return fingerprint.changed_in(base_state_dict(state_dict, model), model)
 
 
-def verify_frozen(model: nn.Module, where: str = "") -> None:
-    """Raise :class:`FrozenWeightsChanged` naming every frozen tensor that is no longer bit-identical."""
-    changed = changed_frozen_tensors(model)
+def verify_frozen(model: nn.Module, where: str = "", *, state_dict: dict | None = None) -> None:
+    """Raise :class:`FrozenWeightsChanged` naming every frozen tensor that is no longer bit-identical.
+
+    On a sharded (FSDP2) model this is a collective: call it on every rank; every rank raises the same error.
+    ``state_dict``: full tensors already gathered to this rank (what ``Trainer.save_model`` passes to ``_save`` on
+    rank 0): they are checked instead of the model's, with no collective. Frozen tensors on the meta device are
+    refused (FreezePolicyError): there is nothing to verify.
+    """
+    changed = changed_frozen_tensors(model, state_dict)
     if changed:
         raise FrozenWeightsChanged(changed, where)

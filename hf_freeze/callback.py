@@ -57,7 +57,7 @@ class FreezeCallback(TrainerCallback):
     # ------------------------------------------------------------------ set-up
     def setup(self, model, args) -> None:
         """Apply the policy (idempotent) and open the future groups for optimizer/DDP registration."""
-        check_backend(args, self.policy)
+        check_backend(args, self.policy, model)
         outer, model = model, unwrap_model(model)
         state = get_state(model)
         if state is None or state.policy != self.policy or state.events_done:

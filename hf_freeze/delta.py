@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .apply import require_state
-from .fingerprint import Fingerprint, named_tensors
+from .fingerprint import Fingerprint, is_sharded, named_tensors
 from .groups import unwrap_model
 
 DELTA_WEIGHTS = "freeze_delta.safetensors"
 DELTA_MANIFEST = "freeze_delta.json"
 DELTA_FORMAT = "hf_freeze.delta"
+DELTA_VERSION = 2  # the manifest version is the fingerprint scheme of its digests (1 and 2 both load)
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: beside an adapter saved as the delta of its run: the base it applies to and the fingerprint of the base tensors
@@ -61,11 +62,16 @@ class DeltaManifest:
     trained_tensors: list[str]
     dtype: str = "float32"
     format: str = DELTA_FORMAT
-    version: int = 1
+    #: 2: digests of :mod:`hf_freeze.fingerprint` scheme 2 (split-independent); 1: scheme 1 (hf_freeze <= 0.1)
+    version: int = DELTA_VERSION
     fingerprint: str = field(default="")
 
     def __post_init__(self):
-        self.fingerprint = Fingerprint(self.frozen_digests).combined()
+        self.fingerprint = self.frozen_fingerprint().combined()
+
+    def frozen_fingerprint(self) -> Fingerprint:
+        """The frozen tensors' digests, under the fingerprint scheme this manifest version uses."""
+        return Fingerprint(dict(self.frozen_digests), scheme=self.version)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,8 +82,10 @@ class DeltaManifest:
     def from_dict(cls, d: dict) -> DeltaManifest:
         if d.get("format") != DELTA_FORMAT:
             raise ValueError(f"not a hf_freeze delta manifest (format={d.get('format')!r}, expected {DELTA_FORMAT!r})")
-        if d.get("version", 1) > 1:
-            raise ValueError(f"delta manifest version {d['version']} is newer than this hf_freeze understands (1)")
+        if d.get("version", 1) not in (1, DELTA_VERSION):
+            raise ValueError(f"delta manifest version {d['version']!r} is not one this hf_freeze understands "
+                             f"(1..{DELTA_VERSION}); upgrade hf_freeze")
+        d.setdefault("version", 1)
         recorded = d.pop("fingerprint", "")
         manifest = cls(**d)
         if recorded and recorded != manifest.fingerprint:
@@ -165,7 +173,12 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
             config.save_pretrained(output_dir)
         return save_adapter_base(model, output_dir, base_model=base_model, base_revision=base_revision)
     model = unwrap_model(model)
-    verify_frozen(model, "before saving a delta checkpoint")
+    if state_dict is None and any(is_sharded(t) for t in named_tensors(model).values()):
+        raise ValueError("the model is sharded (FSDP2): pass the full state dict gathered to this rank, e.g. "
+                         "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                         "full_state_dict=True, cpu_offload=True)) (Trainer.save_model does this)")
+    # a gathered state dict (sharded model, rank 0 alone): check the frozen tensors in it, no collective
+    verify_frozen(model, "before saving a delta checkpoint", state_dict=state_dict)
     base, revision = base_reference(model, base_model, base_revision)
     tensors = delta_state_dict(model, state_dict)
     frozen = state.fingerprint.digests
@@ -249,14 +262,20 @@ def apply_delta(model: nn.Module, folder: str | os.PathLike, manifest: DeltaMani
     """
     model = unwrap_model(model)
     manifest = manifest or DeltaManifest.load(folder)
-    changed = Fingerprint(manifest.frozen_digests).changed(model)
+    changed = manifest.frozen_fingerprint().changed(model)  # a collective on a sharded model: every rank calls
     if changed:
         base, revision = loaded_from or (manifest.base_model, manifest.base_revision)
         raise BaseModelChanged(base, revision, changed, len(manifest.frozen_digests))
     tensors = load_file(Path(folder) / DELTA_WEIGHTS)
     if sorted(tensors) != manifest.trained_tensors:
         raise ValueError(f"{folder}: {DELTA_WEIGHTS} does not hold the tensors its manifest lists")
-    result = model.load_state_dict(tensors, strict=False)
+    if any(is_sharded(t) for t in model.state_dict().values()):
+        # FSDP2: every rank read the full delta; torch scatters it into the local shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        result = model.load_state_dict(tensors, strict=False)
     uncovered = set(model.state_dict()) - set(tensors) - set(manifest.frozen_digests)
     if result.unexpected_keys or uncovered:
         raise ValueError(f"delta in {folder} does not fit {type(model).__name__}: unexpected "
@@ -326,7 +345,7 @@ def apply_delta_restoring_base(model: nn.Module, folder: str | os.PathLike) -> n
     """
     model = unwrap_model(model)
     manifest = DeltaManifest.load(folder)
-    changed = Fingerprint(manifest.frozen_digests).changed(model)
+    changed = manifest.frozen_fingerprint().changed(model)
     if changed:
         base, _ = _load_base(Path(folder), manifest)
         source, target = named_tensors(base), named_tensors(model)
@@ -366,7 +385,7 @@ def _load_adapter(folder: Path, token, base_model=None, base_revision=None, **kw
     model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
     if manifest is not None:
-        changed = Fingerprint(manifest.frozen_digests).changed(model)
+        changed = manifest.frozen_fingerprint().changed(model)
         if changed:
             raise BaseModelChanged(base, revision, changed, len(manifest.frozen_digests))
     if (folder / POLICY_FILE).is_file():

@@ -1,71 +1,227 @@
-"""What hf_freeze supports under each distributed backend, checked up front (never silently wrong).
+"""What hf_freeze supports under each distributed backend, decided up front from the configuration that will run.
 
-* DDP (accelerate MULTI_CPU/MULTI_GPU): supported. Tensors that a schedule will unfreeze are trainable
-  when DDP wraps the model (so the reducer registers them) and frozen right after; this needs
-  ``find_unused_parameters=True`` (the Trainer's default for PreTrainedModel).
-* FSDP2: supported (it re-reads ``requires_grad`` on every forward).
-* FSDP1 with ``use_orig_params=False`` (accelerate's default): refused — a unit mixing frozen and
-  trainable tensors fails to wrap, and toggling after the wrap misses the flat parameter.
-* DeepSpeed: refused with an unfreeze schedule (unfreezing after ``deepspeed.initialize`` silently
-  does nothing) and under ZeRO-3 (partitioned parameters cannot be fingerprinted); ZeRO 0-2 without a
-  schedule is allowed.
+The backend is read from what is in effect, never from environment variables: accelerate's
+``AcceleratorState`` (the Trainer creates its Accelerator before ``on_init_end``; accelerate turns FSDP and
+DeepSpeed on only where they really run, e.g. ``fsdp=...`` on CPU falls back to DDP), else the processed
+``TrainingArguments`` (``fsdp_plugin_args``, ``deepspeed_plugin``). The arguments DDP gets are the Trainer's
+(``find_unused_parameters``, ``static_graph``), worked out by :func:`ddp_options` exactly as
+``Trainer._build_accelerator_args`` does (``tests/test_distributed.py`` compares them with a real Trainer's).
+
+* DDP: supported. Groups a schedule will unfreeze are trainable when DDP wraps the model (so the reducer
+  registers them) and frozen right after, which needs ``find_unused_parameters=True``. Refused with a schedule
+  (each fails mid-run): ``ddp_find_unused_parameters=False``; activation (gradient) checkpointing without an
+  explicit ``ddp_find_unused_parameters=True`` (the Trainer would pass False) or with ``use_reentrant=True``;
+  ``ddp_static_graph=True`` (each unfreeze changes which parameters get gradients). Checkpointing with
+  ``ddp_find_unused_parameters=True`` and a schedule runs in 2 processes (``tests/test_distributed.py``).
+* FSDP2 (the Trainer's default FSDP version): supported. It re-reads ``requires_grad`` on every forward; the
+  fingerprint is split-independent, so frozen tensors are verified shard by shard (:mod:`hf_freeze.fingerprint`).
+* FSDP1 (deprecated by transformers): refused with ``use_orig_params=False`` (accelerate's own default: a unit
+  mixing frozen and trainable tensors fails to wrap, and toggling after the wrap misses the flat parameter), and
+  with verification on (its parameters are flattened slices of each rank's shard: nothing to compare with the
+  fingerprint; FSDP1 does not run on CPU, so this was never exercised). ``use_orig_params=True`` with
+  ``verify=False`` is let through unverified.
+* DeepSpeed ZeRO 0-2: supported without a schedule (2 CPU processes through the Trainer:
+  ``tests/test_deepspeed.py``). Refused: an unfreeze schedule (tensors unfrozen after ``deepspeed.initialize``
+  silently do not train), ZeRO-3 (parameters are partitioned outside torch's view: nothing to verify), and
+  DeepSpeed's bf16/fp16 modes when the model is not already in that dtype (the engine casts every parameter,
+  frozen ones included).
+* Tensors on the meta device (weights offloaded by ``device_map``) are refused when verification is on.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from dataclasses import dataclass
 
 from .errors import FreezePolicyError
 
 
-def _truthy(value) -> bool:
-    return str(value).lower() in ("1", "true", "yes")
+@dataclass(frozen=True)
+class Backend:
+    """The distributed set-up that will run, as far as freezing is concerned."""
+
+    kind: str = "none"  # "none", "ddp", "fsdp" or "deepspeed"
+    world_size: int = 1
+    fsdp_version: int | None = None
+    use_orig_params: bool | None = None
+    cpu_ram_efficient_loading: bool = False
+    zero_stage: int | None = None
+    deepspeed_dtype: str | None = None  # "bf16" / "fp16" when DeepSpeed casts the model
+    find_unused_parameters: bool | None = None
+    static_graph: bool = False
+    activation_checkpointing: bool = False
+    mixed_precision: str = "no"  # accelerate's: "no", "bf16", "fp16"
 
 
-def _fsdp_options(args) -> tuple[bool, int, bool]:
-    """(enabled, version, use_orig_params) from TrainingArguments or accelerate launch's environment."""
-    fsdp = getattr(args, "fsdp", None)
-    config = getattr(args, "fsdp_config", None) or {}
-    if isinstance(config, str):
-        config = json.loads(open(config).read()) if os.path.isfile(config) else {}
-    enabled = bool(fsdp) or _truthy(os.environ.get("ACCELERATE_USE_FSDP", "false"))
-    version = int(config.get("version", config.get("fsdp_version", os.environ.get("FSDP_VERSION", 1))))
-    orig = config.get("use_orig_params", config.get("fsdp_use_orig_params", os.environ.get("FSDP_USE_ORIG_PARAMS", "false")))
-    return enabled, version, _truthy(orig)
-
-
-def _deepspeed_stage(args) -> int | None:
-    ds = getattr(args, "deepspeed", None)
-    if ds is None and not _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+def _accelerator_state():
+    """accelerate's AcceleratorState if an Accelerator exists in this process, else None (never creates one)."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover - accelerate comes with the Trainer
         return None
-    config = ds
-    if isinstance(ds, str) and os.path.isfile(ds):
-        config = json.loads(open(ds).read())
-    if isinstance(config, dict):
-        return int(config.get("zero_optimization", {}).get("stage", 0))
-    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
+    return AcceleratorState() if AcceleratorState._shared_state else None
 
 
-def check_backend(args, policy) -> None:
-    """Raise FreezePolicyError if ``policy`` cannot be honoured under the configured backend."""
-    enabled, version, orig = _fsdp_options(args)
-    if enabled and version == 1 and not orig:
+def _activation_checkpointing(args, model) -> bool:
+    on_model = bool(getattr(model, "is_activation_checkpointing", False)) if model is not None else False
+    return on_model or bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+
+
+def _reentrant(args) -> bool:
+    kwargs = (getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None)
+              or {})
+    return bool(kwargs.get("use_reentrant", False))
+
+
+def ddp_options(args, model) -> tuple[bool, bool]:
+    """(find_unused_parameters, static_graph) the Trainer gives DDP (``Trainer._build_accelerator_args``)."""
+    from transformers import PreTrainedModel
+
+    from .groups import unwrap_model
+
+    explicit = getattr(args, "ddp_find_unused_parameters", None)
+    if explicit is not None:
+        find_unused = bool(explicit)
+    elif isinstance(unwrap_model(model) if model is not None else None, PreTrainedModel):
+        find_unused = not _activation_checkpointing(args, unwrap_model(model))
+    else:
+        find_unused = True
+    return find_unused, bool(getattr(args, "ddp_static_graph", None))
+
+
+def _deepspeed_dtype(plugin, model) -> str | None:
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if str((config.get(key) or {}).get("enabled", False)).lower() == "true":
+            params = list(model.parameters()) if model is not None else []
+            return None if params and all(str(p.dtype) == f"torch.{dtype}" for p in params) else key
+    return None
+
+
+def effective_backend(args=None, model=None, state=None) -> Backend:
+    """The backend that will run: from ``state`` (an ``AcceleratorState``; default: the live one), else ``args``."""
+    state = state if state is not None else _accelerator_state()
+    ckpt = _activation_checkpointing(args, model)
+    if state is not None:
+        kind = str(getattr(state.distributed_type, "value", state.distributed_type)).upper()
+        world = int(getattr(state, "num_processes", 1) or 1)
+        fsdp = getattr(state, "fsdp_plugin", None) if kind == "FSDP" else None
+        ds = getattr(state, "deepspeed_plugin", None) if kind == "DEEPSPEED" else None
+        precision = str(getattr(state, "mixed_precision", "no"))
+    else:
+        world = int(getattr(args, "world_size", 1) or 1)
+        plugin_args = getattr(args, "fsdp_plugin_args", None)
+        if plugin_args is not None and world > 1:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            fsdp = FullyShardedDataParallelPlugin(**plugin_args)
+        else:
+            fsdp = None
+        ds = getattr(args, "deepspeed_plugin", None)
+        kind = "FSDP" if fsdp is not None else "DEEPSPEED" if ds is not None else "MULTI" if world > 1 else "NO"
+        precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
+    if fsdp is not None:
+        return Backend("fsdp", world, fsdp_version=int(getattr(fsdp, "fsdp_version", 1) or 1),
+                       use_orig_params=getattr(fsdp, "use_orig_params", None),
+                       cpu_ram_efficient_loading=bool(getattr(fsdp, "cpu_ram_efficient_loading", False)),
+                       activation_checkpointing=ckpt, mixed_precision=precision)
+    if ds is not None:
+        return Backend("deepspeed", world, zero_stage=int(getattr(ds, "zero_stage", 0) or 0),
+                       deepspeed_dtype=_deepspeed_dtype(ds, model), activation_checkpointing=ckpt)
+    if world > 1:
+        find_unused, static = ddp_options(args, model)
+        return Backend("ddp", world, find_unused_parameters=find_unused, static_graph=static,
+                       activation_checkpointing=ckpt)
+    return Backend("none", world, activation_checkpointing=ckpt)
+
+
+def check_backend(args, policy, model=None, *, backend: Backend | None = None) -> Backend:
+    """Raise FreezePolicyError if ``policy`` cannot be honoured under the backend that will run; return it."""
+    backend = backend or effective_backend(args, model)
+    schedule = [u.to_string() for u in policy.unfreeze]
+    if backend.kind == "fsdp" and backend.fsdp_version == 1 and not backend.use_orig_params:
         raise FreezePolicyError(
-            "FSDP1 with use_orig_params=False cannot mix frozen and trainable tensors in one unit (it fails to "
-            "wrap, or misses later unfreezing). Use FSDP2 (fsdp_config={'version': 2}) or set "
-            "fsdp_config={'use_orig_params': True}.")
-    stage = _deepspeed_stage(args)
-    if stage is not None:
-        if policy.unfreeze:
+            "FSDP1 with use_orig_params=False cannot mix frozen and trainable tensors in one unit (it fails to wrap, "
+            "or silently misses later unfreezing). Use FSDP2 (fsdp_config={'version': 2}, the Trainer's default).")
+    if backend.kind == "fsdp" and backend.fsdp_version == 1 and getattr(policy, "verify", True):
+        raise FreezePolicyError(
+            "FSDP1 keeps each parameter as a flattened slice of its rank's shard, which hf_freeze cannot verify "
+            "against the fingerprint (and transformers removes FSDP1 in v5.20). Use FSDP2 (fsdp_config={'version': 2}, "
+            "the Trainer's default), or turn verification off (verify_frozen=False) to keep FSDP1 with "
+            "use_orig_params=True.")
+    if backend.kind == "fsdp" and backend.fsdp_version == 2 and backend.mixed_precision != "no" and schedule:
+        low = _low_precision_later(model, policy)
+        if low:
             raise FreezePolicyError(
-                "DeepSpeed ignores tensors unfrozen after deepspeed.initialize, so the unfreeze schedule "
-                f"{[u.to_string() for u in policy.unfreeze]} would silently train nothing. Use DDP or FSDP2 for "
-                "gradual unfreezing, or drop the schedule.")
-        if stage >= 3:
-            raise FreezePolicyError("DeepSpeed ZeRO-3 partitions parameters, so frozen tensors cannot be verified "
-                                    "bit-for-bit; use ZeRO-2 (or DDP/FSDP2) with hf_freeze.")
-    if policy.unfreeze and getattr(args, "world_size", 1) > 1 and getattr(args, "ddp_find_unused_parameters", None) is False:
-        raise FreezePolicyError(
-            "ddp_find_unused_parameters=False with an unfreeze schedule: DDP would wait forever for gradients of "
-            "the still-frozen groups. Leave it unset (the Trainer then uses True) or set it to True.")
+                f"accelerate's FSDP2 with mixed_precision={backend.mixed_precision!r} upcasts every trainable parameter "
+                f"that is not float32 to float32 when it shards the model, and the groups the schedule {schedule} will "
+                f"unfreeze are trainable at that moment: their frozen weights ({', '.join(low[:3])}, ...) would change "
+                "dtype. Load the model in float32 (mixed precision still computes in "
+                f"{backend.mixed_precision}), or drop the schedule.")
+    if backend.kind == "deepspeed":
+        if schedule:
+            raise FreezePolicyError(
+                f"DeepSpeed ignores tensors unfrozen after deepspeed.initialize, so the unfreeze schedule {schedule} "
+                "would silently train nothing. Use DDP or FSDP2 for gradual unfreezing, or drop the schedule.")
+        if backend.zero_stage >= 3:
+            raise FreezePolicyError("DeepSpeed ZeRO-3 partitions parameters outside torch's view, so frozen tensors "
+                                    "cannot be verified bit-for-bit; use ZeRO-2 (or DDP/FSDP2) with hf_freeze.")
+        if backend.deepspeed_dtype:
+            raise FreezePolicyError(
+                f"DeepSpeed's {backend.deepspeed_dtype} mode casts every parameter of the model, frozen ones included, "
+                f"so the frozen weights would not stay bit-identical. Load the model in that dtype (dtype=torch."
+                f"{'bfloat16' if backend.deepspeed_dtype == 'bf16' else 'float16'}) before training, or run DeepSpeed in "
+                "fp32, or use DDP/FSDP2 with bf16 autocast.")
+    if backend.kind == "ddp" and schedule:
+        if backend.static_graph:
+            raise FreezePolicyError(
+                f"ddp_static_graph=True with the unfreeze schedule {schedule}: a static graph assumes the same "
+                "parameters get gradients every step, and each unfreeze changes that (DDP fails mid-run). Leave "
+                "ddp_static_graph unset, or drop the schedule.")
+        if not backend.find_unused_parameters:
+            if backend.activation_checkpointing and getattr(args, "ddp_find_unused_parameters", None) is None:
+                raise FreezePolicyError(
+                    "activation (gradient) checkpointing is on, so the Trainer passes find_unused_parameters=False to "
+                    f"DDP, and with the unfreeze schedule {schedule} DDP would wait for gradients of the still-frozen "
+                    "groups and fail mid-run. Set ddp_find_unused_parameters=True (checkpointing and the schedule then "
+                    "work together), or drop the schedule.")
+            raise FreezePolicyError(
+                f"ddp_find_unused_parameters=False with the unfreeze schedule {schedule}: DDP would wait for gradients "
+                "of the still-frozen groups and fail mid-run. Leave it unset (the Trainer then uses True) or set it "
+                "to True, or drop the schedule.")
+        if backend.activation_checkpointing and _reentrant(args):
+            raise FreezePolicyError(
+                f"reentrant activation checkpointing (use_reentrant=True) with the unfreeze schedule {schedule} under "
+                "DDP: reentrant checkpointing does not support DDP's find_unused_parameters=True, which the schedule "
+                "needs. Use the default non-reentrant checkpointing (drop use_reentrant), or drop the schedule.")
+    if model is not None and getattr(policy, "verify", True):
+        _check_verifiable(model, backend)
+    return backend
+
+
+def _low_precision_later(model, policy) -> list[str]:
+    """Parameters of groups the schedule unfreezes that are not float32."""
+    if model is None:
+        return []
+    from .groups import layer_groups, named_base_parameters
+    from .policy import resolve
+
+    groups = layer_groups(model)
+    later = {n for e in resolve(policy, groups).events for g in e.groups for n in groups[g].param_names}
+    return sorted(n for n, p in named_base_parameters(model) if n in later and p.is_floating_point()
+                  and str(p.dtype) != "torch.float32")
+
+
+def check_model_data(model, policy, args=None) -> None:
+    """Before a Trainer touches the model: refuse frozen tensors without data (meta / offloaded) when verifying."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    if model is not None and getattr(policy, "verify", True) and not plugin_args.get("cpu_ram_efficient_loading"):
+        _check_verifiable(model, Backend())
+
+
+def _check_verifiable(model, backend: Backend) -> None:
+    """Frozen tensors on the meta device cannot be verified (offloaded by device_map, or never loaded)."""
+    from .fingerprint import meta_tensors, refuse_meta
+
+    if backend.kind == "fsdp" and backend.cpu_ram_efficient_loading:
+        return  # ranks > 0 hold meta weights until accelerate loads rank 0's; verification compares with rank 0's
+    refuse_meta(meta_tensors(model), "train with verification of")

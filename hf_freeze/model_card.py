@@ -122,7 +122,10 @@ def preservation_text(model: nn.Module) -> tuple[str, dict]:
     state = get_state(model)
     if state is None:
         return "", {}
-    changed = changed_frozen_tensors(model)
+    try:
+        changed = changed_frozen_tensors(model, collective=False)  # written on rank 0 alone
+    except RuntimeError as e:  # a sharded model never verified on all ranks (verify_frozen=False)
+        return f"**Not checked**: {e}.", {"preserved": None}
     tensors = len(state.fingerprint)
     fp = state.fingerprint.combined()
     if changed:

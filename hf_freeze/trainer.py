@@ -28,6 +28,7 @@ from .delta import (
     save_adapter_base,
     save_delta,
 )
+from .distributed import check_model_data
 from .errors import FreezePolicyError
 from .groups import peft_wrappers, unwrap_model
 from .hub import explain_push_failure
@@ -52,6 +53,7 @@ class FreezeTrainerMixin:
         training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         policy = _pick_policy(freeze_policy, training_args, model)
+        check_model_data(model, policy, training_args)  # before the Trainer moves the model: meta tensors
         if model is not None and policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, policy)
             if "model" in kwargs or not args:
