@@ -5,7 +5,9 @@ Measures (median seconds per step, after warm-up):
   step        head-only training step without the Trainer: train-mode forward with the policy applied,
               loss, backward, AdamW step, on the same batch (what the model itself costs per step)
   full        the same step with nothing frozen (what the frozen prefix saves)
-  hf_freeze   FreezeTrainer, head-only (policy "backbone")
+  hf_freeze   FreezeTrainer, head-only (policy "backbone"), feature cache off
+  hf_freeze_cache  the same with the feature cache on (memory): the backbone runs once, before the first step
+              (its cost is in the set-up time, recorded per configuration), then steps train the head on features
   callback    plain Trainer + FreezeCallback("backbone")
   manual      plain Trainer, hf_freeze.apply_policy() done by hand, no callback (isolates callback overhead)
   classic     plain Trainer, requires_grad=False on the backbone (the tutorial recipe; BN stats drift)
@@ -18,7 +20,10 @@ Usage: python benchmarks/step_speed.py [--steps 40] [--shared ../shared]
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -32,10 +37,16 @@ from hf_freeze.testing import shared_dir
 
 
 class StepClock(TrainerCallback):
-    """Wall time between consecutive optimizer-step ends (data, forward, backward, step, all callbacks)."""
+    """Wall time between consecutive optimizer-step ends (data, forward, backward, step, all callbacks), and the
+    set-up time from ``train()`` to the first step (optimizer, dataloader: the feature cache is computed there)."""
 
     def __init__(self):
         self.ends: list[float] = []
+        self.first_begin: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.first_begin is None:
+            self.first_begin = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -82,16 +93,16 @@ class TimedFreezeCallback(hf_freeze.FreezeCallback):
     on_optimizer_step = _timed("on_optimizer_step")
 
 
-def trainer_steps(kind: str, path, steps: int, batch: int, size: int, warmup: int) -> list[float]:
+def trainer_steps(kind: str, path, steps: int, batch: int, size: int, warmup: int, setup: dict) -> list[float]:
     model = load(path)
     clock = StepClock()
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
                              learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0, seed=0)
     data = Batches(batch * steps, size)
-    if kind == "hf_freeze":
+    if kind in ("hf_freeze", "hf_freeze_cache"):
         trainer = hf_freeze.FreezeTrainer(model=model, args=args, train_dataset=data, freeze_policy="backbone",
-                                          callbacks=[clock])
+                                          callbacks=[clock], feature_cache="memory" if kind == "hf_freeze_cache" else "off")
     elif kind == "callback":
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[TimedFreezeCallback("backbone"), clock])
     elif kind == "manual":
@@ -103,7 +114,9 @@ def trainer_steps(kind: str, path, steps: int, batch: int, size: int, warmup: in
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
     else:
         raise ValueError(kind)
+    start = time.perf_counter()
     trainer.train()
+    setup.setdefault(kind, []).append(clock.first_begin - start)
     diffs = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     return diffs[warmup:]
 
@@ -152,14 +165,18 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     ap.add_argument("--shared", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     a = ap.parse_args(argv)
     path = shared_dir(a.shared) / "models" / "mobilenet_v2_1.0_224-imagenet"
     if not path.is_dir():
         print(f"skipped: real MobileNetV2 not found at {path}")
         return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    kinds = ["inference", "step", "full", "hf_freeze", "callback", "manual", "classic"]
+    kinds = ["inference", "step", "full", "hf_freeze", "hf_freeze_cache", "callback", "manual", "classic"]
+    setup: dict[str, list[float]] = {}
     samples = {k: [] for k in kinds}
     peak = {}
     callback_steps = 0
@@ -172,7 +189,7 @@ def main(argv=None):
             elif k in ("step", "full"):
                 samples[k] += raw_steps(k, path, a.steps, a.batch, a.size, a.warmup)
             else:
-                samples[k] += trainer_steps(k, path, a.steps, a.batch, a.size, a.warmup)
+                samples[k] += trainer_steps(k, path, a.steps, a.batch, a.size, a.warmup, setup)
                 callback_steps += a.steps if k == "callback" else 0
             if torch.cuda.is_available():
                 peak[k] = torch.cuda.max_memory_allocated() / 2**20
@@ -182,7 +199,7 @@ def main(argv=None):
           f"{a.rounds} x {a.steps - a.warmup - 1} timed steps each (median s/step)")
     for k in kinds:
         mem = f"   peak GPU memory {peak[k]:.0f} MiB" if k in peak else ""
-        print(f"  {k:<10} {med[k]:.4f} s   x{med[k] / med['inference']:.3f} of inference forward{mem}")
+        print(f"  {k:<15} {med[k]:.4f} s   x{med[k] / med['inference']:.3f} of inference forward{mem}")
     overhead = (med["callback"] - med["manual"]) / med["manual"]
     self_time = TimedFreezeCallback.spent / callback_steps / med["callback"]
     print(f"head-only training step (model compute) / inference forward: {med['step'] / med['inference']:.3f}  (target <= 1.05)")
@@ -191,9 +208,16 @@ def main(argv=None):
     print(f"FreezeTrainer step / classic requires_grad=False Trainer step: {med['hf_freeze'] / med['classic']:.3f}")
     print(f"callback overhead per step: {100 * self_time:.3f}% in its own methods; end to end {100 * overhead:+.2f}% "
           "(callback vs manual, includes noise)  (target < 1%)")
+    setup_med = {k: statistics.median(v) for k, v in setup.items()}
+    print(f"train() set-up before the first step: cache on {setup_med['hf_freeze_cache']:.3f} s, "
+          f"off {setup_med['hf_freeze']:.3f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"median_s": med, "peak_mib": peak, "callback_self_time": self_time,
-                                            "callback_end_to_end": overhead}, indent=2))
+        provenance = {"measured": datetime.date.today().isoformat(), "device": device, "size": a.size, "batch": a.batch,
+                      "steps": a.steps, "rounds": a.rounds, "torch": torch.__version__, "cpu": platform.machine(),
+                      "load_avg": os.getloadavg()}
+        Path(a.json).write_text(json.dumps({"median_s": med, "setup_s": setup_med, "peak_mib": peak,
+                                            "callback_self_time": self_time, "callback_end_to_end": overhead,
+                                            "provenance": provenance}, indent=2) + "\n")
     return 0
 
 
