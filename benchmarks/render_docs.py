@@ -50,6 +50,10 @@ def load_sources(root: Path) -> dict:
     return out
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def size(n: float) -> str:
     for unit, scale in (("MB", 2**20), ("KB", 2**10)):
         if n >= scale:
@@ -107,6 +111,18 @@ def bn_settings(r: dict) -> str:
             f"{epochs}), one torch thread.")
 
 
+def bn_readme_settings(r: dict) -> str:
+    st, base = r["settings"], r["base"]
+    pre = base["pretraining"]
+    return (f"A transformers ResNet ({pre['params']:,} parameters) pretrained here with ordinary BatchNorm training on "
+            f"Fashion-MNIST classes 0-4 ({pre['train_images']:,} images), transferred to classes 5-9 with "
+            f"{', '.join(map(str, st['shots']))} images per class, {plural(len(st['seeds']), 'seed')}, the same data, base LR and "
+            f"number of steps for every strategy (`benchmarks/transfer_bn.py`). *Accuracy*: validation on the "
+            f"{base['val_images']:,} test images of classes 5-9. *Retention*: the fine-tuned backbone under the base's "
+            f"original head on the {base['retention_images']:,} test images of classes 0-4 (the base itself: "
+            f"{base['retention']:.3f}) — what the fine-tuning kept of the pretrained model.")
+
+
 def bn_accuracy_table(r: dict) -> str:
     summary = bn_summary(r)
     shots = r["settings"]["shots"]
@@ -118,7 +134,7 @@ def bn_accuracy_table(r: dict) -> str:
         rows.append(f"| {bn_label(r, k)} | " + " | ".join(cells) + " |")
     for k in r["settings"].get("pending", {}):
         rows.append(f"| {bn_label(r, k)} | " + " | ".join("pending | pending" for _ in shots) + " |")
-    return "\n".join(rows) + f"\n\nMean ± standard deviation over {len(r['settings']['seeds'])} seeds."
+    return "\n".join(rows) + f"\n\nMean ± standard deviation over {plural(len(r['settings']['seeds']), 'seed')}."
 
 
 def bn_cost_table(r: dict) -> str:
@@ -149,28 +165,35 @@ def bn_findings(r: dict) -> str:
     fam = r["settings"]["family"]
     ours = [k for k in keys if fam[k] == "hf_freeze"]
     others = [k for k in keys if fam[k] != "hf_freeze"]
+
+    def name(k):
+        return f"*{bn_label(r, k)}*"
+
     lines = []
     for s in r["settings"]["shots"]:
         best = max(keys, key=lambda k: summary[k, s]["acc"]["mean"])
         best_ours = max(ours, key=lambda k: summary[k, s]["acc"]["mean"])
         b, o = summary[best, s]["acc"], summary[best_ours, s]["acc"]
         if fam[best] == "hf_freeze":
-            head = f"the most accurate strategy is hf_freeze's *{bn_label(r, best)}* ({pm(b)})"
+            head = f"the most accurate strategy is {name(best)} ({pm(b)})"
         else:
-            head = (f"**{bn_label(r, best)} wins on accuracy** ({pm(b)}); the best hf_freeze policy, "
-                    f"*{bn_label(r, best_ours)}*, reaches {pm(o)}")
+            head = f"**{name(best)} wins on accuracy** ({pm(b)}); the best hf_freeze policy, {name(best_ours)}, reaches {pm(o)}"
         covered, uncovered = [], []
         for k in others:
-            winners = [bn_label(r, w) for w in ours if dominates(summary[w, s], summary[k, s])]
+            winners = [name(w) for w in ours if dominates(summary[w, s], summary[k, s])]
             (covered if winners else uncovered).append((k, winners))
         parts = [f"- **{s}/class**: {head}."]
         if covered:
             parts.append("Matched or beaten on both accuracy and retention: "
-                         + "; ".join(f"{bn_label(r, k)} (by {', '.join(w)})" for k, w in covered) + ".")
+                         + "; ".join(f"{name(k)} (by {' and '.join(w)})" for k, w in covered) + ".")
         if uncovered:
             parts.append("**Not matched on both axes by any hand-set hf_freeze policy**: "
-                         + ", ".join(bn_label(r, k) for k, _ in uncovered) + ".")
+                         + "; ".join(name(k) for k, _ in uncovered) + ".")
         lines.append(" ".join(parts))
+    base = r["base"]["retention"]
+    kept = [k for k in keys if all(x["retention"] == base for x in r["runs"] if x["strategy_key"] == k)]
+    lines.append(f"- Retention: {'; '.join(name(k) for k in kept) or 'no strategy'} keep the base's {base:.3f} in "
+                 "every run (the backbone is bit-identical); every other strategy changes what the original head sees.")
     return "\n".join(lines)
 
 
@@ -186,7 +209,7 @@ def bn_readme_table(r: dict) -> str:
                     + f" | {size(summary[k, s]['delta']['mean'])} | {summary[k, s]['sec']['mean']:.1f} |")
     for k in r["settings"].get("pending", {}):
         rows.append(f"| {bn_label(r, k)} | " + " | ".join("pending" for _ in shots) + " | | |")
-    return "\n".join(rows) + (f"\n\nMeans over {len(r['settings']['seeds'])} seeds; the base's own retention is "
+    return "\n".join(rows) + (f"\n\nMeans over {plural(len(r['settings']['seeds']), 'seed')}; the base's own retention is "
                               f"{r['base']['retention']:.3f}. Standard deviations, the frontier plots and the "
                               "strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md).")
 
@@ -259,8 +282,10 @@ def mobilenet_readme_table(r: dict) -> str:
         x = summary[k, s]
         rows.append(f"| {x['label']} | " + " | ".join(cells)
                     + f" | {x['top1']:.1f}/20 | {size(x['delta_bytes'])} |")
-    return "\n".join(rows) + (f"\n\nValidation accuracy, mean over {len(r['settings']['seeds'])} seeds; the "
-                              f"pretrained model scores {r['baseline_imagenet_top1']}/20 on the ImageNet samples.")
+    st = r["settings"]
+    return "\n".join(rows) + (f"\n\nValidation accuracy on {st['val_per_class'] * 10} test images, mean over "
+                              f"{len(st['seeds'])} seeds, {st['image_size']} px; the pretrained model scores "
+                              f"{r['baseline_imagenet_top1']}/20 on the ImageNet samples.")
 
 
 def mobilenet_settings(r: dict) -> str:
@@ -381,6 +406,7 @@ def mixed_precision_summary(text: str) -> str:
 
 RENDERERS: dict[str, tuple[str, Callable]] = {
     "readme-classic-drift": ("classic_drift", classic_drift_sentence),
+    "readme-transfer-bn-settings": ("transfer_bn", bn_readme_settings),
     "readme-transfer-bn": ("transfer_bn", bn_readme_table),
     "readme-transfer-bn-findings": ("transfer_bn", bn_findings),
     "readme-transfer-mobilenet": ("transfer", mobilenet_readme_table),
@@ -400,6 +426,7 @@ RENDERERS: dict[str, tuple[str, Callable]] = {
     "feature-cache": ("feature_cache", feature_cache_table),
     "step-speed": (None, step_speed_table),
     "mixed-precision": ("mixed_precision", mixed_precision_summary),
+    "readme-mixed-precision": ("mixed_precision", mixed_precision_summary),
 }
 
 
