@@ -108,7 +108,9 @@ def bn_settings(r: dict) -> str:
             f"under the base's original head on the {base['retention_images']:,} test images of classes 0-4 (the "
             f"base scores **{base['retention']:.3f}**). Every strategy: batch {st['batch_size']}, base LR "
             f"{st['learning_rate']:g}, Adam(W) without weight decay, the same number of optimizer steps (epochs: "
-            f"{epochs}), one torch thread.")
+            f"{epochs}), one torch thread per run. The run that wrote the file took "
+            f"{r['minutes_this_invocation']:.0f} minutes of wall time on {r['machine']['cores']} CPU cores shared with "
+            f"other jobs (runs already on disk are reused, so a resumed run reports less).")
 
 
 def bn_readme_settings(r: dict) -> str:
@@ -160,39 +162,53 @@ def dominates(a: dict, b: dict) -> bool:
 
 
 def bn_findings(r: dict) -> str:
+    """Per data size, in words: the accuracy ranking, who is most accurate (and by how much against the best
+    hf_freeze policy), which baselines and peers some hf_freeze policy matches or beats on both axes, which not."""
     summary = bn_summary(r)
     keys = bn_keys(r, summary)
-    fam = r["settings"]["family"]
+    fam, short = r["settings"]["family"], r["settings"]["short"]
     ours = [k for k in keys if fam[k] == "hf_freeze"]
     others = [k for k in keys if fam[k] != "hf_freeze"]
 
     def name(k):
-        return f"*{bn_label(r, k)}*"
+        return short.get(k) or bn_label(r, k)
 
     lines = []
     for s in r["settings"]["shots"]:
-        best = max(keys, key=lambda k: summary[k, s]["acc"]["mean"])
-        best_ours = max(ours, key=lambda k: summary[k, s]["acc"]["mean"])
-        b, o = summary[best, s]["acc"], summary[best_ours, s]["acc"]
-        if fam[best] == "hf_freeze":
-            head = f"the most accurate strategy is {name(best)} ({pm(b)})"
-        else:
-            head = f"**{name(best)} wins on accuracy** ({pm(b)}); the best hf_freeze policy, {name(best_ours)}, reaches {pm(o)}"
+        acc = {k: summary[k, s]["acc"] for k in keys}
+        ranking = sorted(keys, key=lambda k: -acc[k]["mean"])
+        best, best_ours = ranking[0], next(k for k in ranking if fam[k] == "hf_freeze")
+        parts = [f"- **{s}/class** — accuracy, best first: "
+                 + ", ".join(f"{name(k)} {acc[k]['mean']:.3f}" for k in ranking) + "."]
+        if fam[best] != "hf_freeze":
+            gap = acc[best]["mean"] - acc[best_ours]["mean"]
+            noise = max(acc[best]["std"], acc[best_ours]["std"])
+            parts.append(f"**{name(best)} is the most accurate**; the best hf_freeze policy ({name(best_ours)}) is "
+                         f"{gap:.3f} behind, {'within' if gap <= noise else '**beyond**'} seed noise ({noise:.3f}).")
+        base = r["base"]["retention"]
+        changing = [k for k in ours if summary[k, s]["ret"]["mean"] < base]
+        if changing:
+            keep = max(changing, key=lambda k: summary[k, s]["ret"]["mean"])
+            gap = acc[best]["mean"] - acc[keep]["mean"]
+            noise = max(acc[best]["std"], acc[keep]["std"])
+            parts.append(f"Trade-off: the most retentive hf_freeze policy that trains the backbone ({name(keep)}, "
+                         f"retention {summary[keep, s]['ret']['mean']:.3f} vs {summary[best, s]['ret']['mean']:.3f}) "
+                         f"is {gap:.3f} less accurate than {name(best)}, "
+                         f"{'within' if gap <= noise else 'beyond'} seed noise ({noise:.3f}).")
         covered, uncovered = [], []
         for k in others:
             winners = [name(w) for w in ours if dominates(summary[w, s], summary[k, s])]
             (covered if winners else uncovered).append((k, winners))
-        parts = [f"- **{s}/class**: {head}."]
         if covered:
-            parts.append("Matched or beaten on both accuracy and retention: "
-                         + "; ".join(f"{name(k)} (by {' and '.join(w)})" for k, w in covered) + ".")
+            parts.append("Matched or beaten on both axes: "
+                         + "; ".join(f"{name(k)} (by {', '.join(w)})" for k, w in covered) + ".")
         if uncovered:
-            parts.append("**Not matched on both axes by any hand-set hf_freeze policy**: "
-                         + "; ".join(name(k) for k, _ in uncovered) + ".")
+            parts.append("**Not matched on both axes by any hand-set hf_freeze policy: "
+                         + ", ".join(name(k) for k, _ in uncovered) + ".**")
         lines.append(" ".join(parts))
     base = r["base"]["retention"]
     kept = [k for k in keys if all(x["retention"] == base for x in r["runs"] if x["strategy_key"] == k)]
-    lines.append(f"- Retention: {'; '.join(name(k) for k in kept) or 'no strategy'} keep the base's {base:.3f} in "
+    lines.append(f"- Retention: {', '.join(name(k) for k in kept) or 'no strategy'} keeps the base's {base:.3f} in "
                  "every run (the backbone is bit-identical); every other strategy changes what the original head sees.")
     return "\n".join(lines)
 
@@ -210,8 +226,9 @@ def bn_readme_table(r: dict) -> str:
     for k in r["settings"].get("pending", {}):
         rows.append(f"| {bn_label(r, k)} | " + " | ".join("pending" for _ in shots) + " | | |")
     return "\n".join(rows) + (f"\n\nMeans over {plural(len(r['settings']['seeds']), 'seed')}; the base's own retention is "
-                              f"{r['base']['retention']:.3f}. Standard deviations, the frontier plots and the "
-                              "strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md).")
+                              f"{r['base']['retention']:.3f}. Training time: wall seconds on {r['machine']['cores']} "
+                              "CPU cores shared with other jobs, one torch thread (noisy). Standard deviations, the "
+                              "frontier plots and the strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md).")
 
 
 def bn_timm_note(r: dict) -> str:
@@ -239,13 +256,14 @@ def plot_transfer_bn(r: dict, out: Path) -> list[Path]:
     keys = bn_keys(r, summary)
     fam = r["settings"]["family"]
     marker = {"hf_freeze": "o", "baseline": "s", "peer": "^"}
+    palette = plt.get_cmap("tab20").colors
     paths = []
     out.mkdir(parents=True, exist_ok=True)
     for s in r["settings"]["shots"]:
-        fig, ax = plt.subplots(figsize=(7.5, 5.2))
+        fig, ax = plt.subplots(figsize=(9.5, 5.2))
         for i, k in enumerate(keys):
             x, y = summary[k, s]["ret"], summary[k, s]["acc"]
-            color = f"C{i % 10}"
+            color = palette[(2 * i) % 20 + (2 * i) // 20]  # the dark shades first, then the light ones
             ax.scatter(x["values"], y["values"], color=color, alpha=0.25, s=14, marker=marker[fam[k]])
             ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
                         yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]], color=color, marker=marker[fam[k]],
@@ -257,7 +275,7 @@ def plot_transfer_bn(r: dict, out: Path) -> list[Path]:
         ax.set_title(f"ResNet (real BatchNorm), Fashion-MNIST 0-4 -> 5-9, {s} images/class\n"
                      "mean and min-max over seeds; o hf_freeze, s baselines, ^ peers", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", ncol=2)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         path = out / f"transfer_bn_{s}.png"
         fig.savefig(path, dpi=110)
@@ -348,7 +366,7 @@ def feature_cache_table(d: dict) -> str:
 
 
 STEP_ROWS = [
-    ("inference", "inference forward (eval, no_grad)"),
+    ("inference", "inference forward (eval, no_grad); starred: against the reference, the same operation"),
     ("step", "head-only training step, model compute only (no Trainer)"),
     ("full", "full fine-tuning step, model compute only"),
     ("hf_freeze", "`FreezeTrainer` head-only step, feature cache off"),
@@ -358,38 +376,53 @@ STEP_ROWS = [
 ]
 
 
-def step_speed_table(sources: dict) -> str:
-    cols = [(k, t) for k, t in (("step_h200", "NVIDIA H200"), ("step_cpu16", "CPU, 16 threads"),
-                                ("step_cpu", "CPU, 1 thread")) if k in sources]
-    heads = []
-    for k, title in cols:
+def step_speed_table(sources: dict, readme: bool = False) -> str:
+    """One column per result file (wall-clock medians) plus, where recorded, its CPU-time medians (the README
+    shows only the CPU-time column of a file that has one)."""
+    cols = []
+    for k, title in (("step_h200", "NVIDIA H200"), ("step_cpu16", "CPU, 16 threads"), ("step_cpu", "CPU, 1 thread")):
+        if k not in sources:
+            continue
         p = sources[k].get("provenance", {})
-        heads.append(f"{title} ({p.get('measured', '?')}{', ' + p['note'] if p.get('note') else ''})")
-    rows = ["| median per step | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(cols)]
+        when = f"{p.get('measured', '?')}{', ' + p['note'] if p.get('note') else ''}"
+        if not (readme and "median_cpu_s" in sources[k]):
+            cols.append((k, f"{title}, wall ({when})", "median_s"))
+        if "median_cpu_s" in sources[k]:
+            cols.append((k, f"{title}, CPU time ({when})", "median_cpu_s"))
+    ratio_field = {"median_s": "paired_ratio", "median_cpu_s": "paired_ratio_cpu"}
+    rows = ["| median per step | " + " | ".join(t for _, t, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, label in STEP_ROWS:
         cells = []
-        for k, _ in cols:
-            med = sources[k]["median_s"]
+        for k, _, field in cols:
+            med = sources[k][field]
             if key not in med:
                 cells.append("not measured")
                 continue
-            ratio = "" if key == "inference" else f" ({med[key] / med['inference']:.2f}x)"
+            paired = sources[k].get(ratio_field[field])
+            value = paired[key] if paired else med[key] / med["inference"]
+            ratio = "" if key == "inference" and not paired else f" ({value:.2f}x{'*' if paired else ''})"
             cells.append(f"{1000 * med[key]:.1f} ms{ratio}")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     cells = []
-    for k, _ in cols:
+    for k, _, field in cols:
         setup = sources[k].get("setup_s", {})
-        cells.append(f"{1000 * setup['hf_freeze_cache']:.0f} ms vs {1000 * setup['hf_freeze']:.0f} ms"
-                     if "hf_freeze_cache" in setup else "not measured")
-    rows.append("| `train()` set-up before the first step: cache on vs off (the cache is computed here) | "
+        first = field == "median_s" or (readme and "median_cpu_s" in sources[k])
+        cells.append(f"{setup['hf_freeze_cache']:.2f} s vs {setup['hf_freeze']:.2f} s (wall)"
+                     if "hf_freeze_cache" in setup and first else "—")
+    rows.append("| `train()` set-up before the first step, cache on vs off (the cache is computed here) | "
                 + " | ".join(cells) + " |")
-    rows.append("| FreezeCallback's own time per step | "
-                + " | ".join(f"{100 * sources[k]['callback_self_time']:.2f}%" for k, _ in cols) + " |")
-    peak = [sources[k].get("peak_mib", {}) for k, _ in cols]
+    rows.append("| FreezeCallback's own time per step (wall) | "
+                + " | ".join(f"{100 * sources[k]['callback_self_time']:.2f}%"
+                             if field == "median_s" or (readme and "median_cpu_s" in sources[k]) else "—"
+                             for k, _, field in cols) + " |")
     rows.append("| peak GPU memory: inference / head-only step / full | "
-                + " | ".join(" / ".join(f"{p[x]:.0f}" for x in ("inference", "step", "full")) + " MiB" if p else "—"
-                             for p in peak) + " |")
-    return "\n".join(rows) + "\n\nRatios in brackets: to the inference forward of the same column."
+                + " | ".join(" / ".join(f"{sources[k]['peak_mib'][x]:.0f}" for x in ("inference", "step", "full"))
+                             + " MiB" if sources[k].get("peak_mib") and field == "median_s" else "—"
+                             for k, _, field in cols) + " |")
+    return "\n".join(rows) + ("\n\nRatios in brackets: to the inference forward. Without a star: ratio of two "
+                              "medians measured minutes apart. With a star (*): the median of per-step ratios to a "
+                              "reference inference forward timed right after each step, immune to the machine's "
+                              "speed drifting between configurations.")
 
 
 def mixed_precision_summary(text: str) -> str:
@@ -410,7 +443,7 @@ RENDERERS: dict[str, tuple[str, Callable]] = {
     "readme-transfer-bn": ("transfer_bn", bn_readme_table),
     "readme-transfer-bn-findings": ("transfer_bn", bn_findings),
     "readme-transfer-mobilenet": ("transfer", mobilenet_readme_table),
-    "readme-step-speed": (None, step_speed_table),
+    "readme-step-speed": (None, lambda sources: step_speed_table(sources, readme=True)),
     "bn-settings": ("transfer_bn", bn_settings),
     "bn-accuracy": ("transfer_bn", bn_accuracy_table),
     "bn-costs": ("transfer_bn", bn_cost_table),

@@ -328,9 +328,9 @@ def run_one(key: str, shared: Path, base: Path, shots: int, seed: int, epochs: i
     pretrained = state_copy(model)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         extra = train(strategy, model, task, epochs, seed, workdir)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         trainable = extra.pop("trainable_params_adapter", None) or sum(
             p.numel() for p in model.parameters() if p.requires_grad)
         val = accuracy(model, task.val_x, task.val_y)
@@ -339,7 +339,7 @@ def run_one(key: str, shared: Path, base: Path, shots: int, seed: int, epochs: i
             delta_bytes = extra.pop("adapter_bytes")
     return {"strategy_key": key, "strategy": strategy.label, "shots": shots, "seed": seed, "epochs": epochs,
             "train_images": len(task.train_y), "val_images": len(task.val_y), "retention_images": len(task.keep_y),
-            "val_accuracy": val, "retention": retention(model, base, task), "train_seconds": seconds,
+            "val_accuracy": val, "retention": retention(model, base, task), "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
             "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
             "full_checkpoint_bytes": full_bytes, "delta_bytes": delta_bytes, "delta_tensors": delta_tensors, **extra}
 
