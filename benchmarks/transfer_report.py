@@ -1,20 +1,18 @@
-"""Turn ``docs/benchmarks/transfer.json`` (written by ``transfer.py``) into ``docs/benchmarks.md`` and PNG plots.
+"""Tables and plots of the MobileNetV2 transfer benchmark (``docs/benchmarks/transfer.json``, from ``transfer.py``).
 
-    python benchmarks/transfer_report.py [docs/benchmarks/transfer.json]
+    python benchmarks/transfer_report.py [docs/benchmarks/transfer.json]   # redraw the PNGs, re-render the docs
 
-Hand-written text between ``<!-- NOTES -->`` and ``<!-- /NOTES -->`` in an existing docs/benchmarks.md is kept.
+The tables go into README.md and docs/benchmarks.md through ``render_docs.py`` (generated blocks).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-NOTES = re.compile(r"<!-- NOTES -->.*?<!-- /NOTES -->", re.S)
 FAMILY = {"full": "baseline", "classic": "baseline", "lightning": "peer", "lightning_train": "peer"}
 
 
@@ -80,16 +78,14 @@ def cost_table(summary) -> str:
     keys, shots = keys_and_shots(summary)
     s = shots[-1]
     rows = [f"| strategy ({s}/class) | trainable params | RSS rise in training | peak RSS in training | "
-            "process peak RSS | full checkpoint | delta to save | ImageNet top-1, original head (all runs) |",
+            f"process peak RSS | full checkpoint | delta to save | ImageNet top-1 at {s}/class, original head (min-max) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k in keys:
         r = summary[k, s]
-        top1 = [summary[k, t] for t in shots if (k, t) in summary]
-        lo, hi = min(t["top1_min"] for t in top1), max(t["top1_max"] for t in top1)
-        mean = np.mean([t["top1"] for t in top1])
         rows.append(f"| {r['label']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.1f}%) | "
                     f"{r['rss_rise']:.0f} MB | {r['rss_peak']:.0f} MB | {r['process_peak']:.0f} MB | "
-                    f"{size(r['full_bytes'])} | {size(r['delta_bytes'])} | {mean:.1f}/20 ({lo}-{hi}) |")
+                    f"{size(r['full_bytes'])} | {size(r['delta_bytes'])} | {r['top1']:.1f}/20 "
+                    f"({r['top1_min']}-{r['top1_max']}) |")
     return "\n".join(rows)
 
 
@@ -166,83 +162,13 @@ def plot(summary, docs: Path) -> list[str]:
     return ["benchmarks/transfer_accuracy.png", "benchmarks/transfer_costs.png"]
 
 
-def render(results: dict, notes: str) -> str:
-    summary = summarise(results)
-    st, m = results["settings"], results["machine"]
-    epochs = ", ".join(f"{e} epochs at {s}/class" for s, e in st["epochs"].items())
-    pending = "".join(f"\nPending: {k}: {v}.\n" for k, v in st.get("pending", {}).items())
-    return f"""# Benchmarks
+def write_report(results: dict, docs: Path) -> None:
+    """Redraw the plots, then re-render the generated blocks of README.md and docs/benchmarks.md
+    (``render_docs.py``) from the committed result files."""
+    from render_docs import update_docs
 
-## Transfer: freeze policies vs full fine-tuning vs PyTorch Lightning
-
-ImageNet MobileNetV2 (`mobilenet_v2_1.0_224-imagenet`, 2.2 M parameters) with a new 10-class head, fine-tuned
-on few-shot Fashion-MNIST: {", ".join(f"{s}" for s in st["shots"])} training images per class drawn from the
-train split (a new draw per seed: {st["seeds"]}), evaluated on a fixed set of {st["val_per_class"] * 10}
-test-split images ({st["val_per_class"]} per class). Images are upsampled to {st["image_size"]} px (gray
-repeated to RGB, the checkpoint's normalisation); MobileNetV2 is fully convolutional. Every strategy gets the
-same data, batch size {st["batch_size"]}, optimizer (AdamW, constant LR {st["learning_rate"]:g}, no weight
-decay), head dropout 0 and epochs ({epochs}). Each strategy x data size runs in a fresh process.
-
-![validation accuracy](benchmarks/transfer_accuracy.png)
-
-### Validation accuracy: mean (min-max) over {len(st["seeds"])} seeds
-
-{accuracy_table(summary)}
-
-### Training time: mean seconds per run (optimizer steps)
-
-{time_table(summary)}
-
-### Cost and what survives, at the largest data size
-
-{cost_table(summary)}
-
-![costs](benchmarks/transfer_costs.png)
-
-Columns: *trainable params* at the end of training. *RSS rise*: the highest resident memory during
-`train()` minus the memory just before (activations kept for backward, gradients, optimizer state), sampled
-every 10 ms; *peak RSS in training* and *process peak RSS* (`ru_maxrss`, imports and data included) are
-absolute. *Full checkpoint*: `save_pretrained` safetensors. *Delta to save*: every tensor (parameters and
-buffers) that differs bit-wise from the pretrained model, new head included, as one safetensors file: what
-must be stored next to the public checkpoint to rebuild the fine-tuned model. *ImageNet top-1*: the
-trained backbone loaded into the original 1001-class model, on the 20 ImageNet sample photos. For the
-adapter run the delta is the saved adapter folder's weights, and the model is scored after `merge_and_unload()`.
-{pending}
-<!-- NOTES -->
-{notes}
-<!-- /NOTES -->
-
-### Machine and reproduction
-
-{m["cores"]} CPU cores ({m["cpu"]}), {m["memory_gb"]} GB, shared with other jobs: load average
-{m["load_avg_start"][0]:.1f} at the start and {m.get("load_avg_end", [float("nan")])[0]:.1f} at the end, so
-absolute times are noisy; compare ratios within a row set. torch {m["torch"]} on {st["threads"]} thread(s) per
-run, transformers {m["transformers"]}, pytorch-lightning {m["pytorch_lightning"]}, Python {m["python"]}. The
-whole run took {results["total_minutes"]:.0f} minutes. Raw figures: `docs/benchmarks/transfer.json`.
-
-```
-python benchmarks/transfer.py            # needs ../shared (or HF_FREEZE_SHARED); skips without it
-python benchmarks/transfer.py --quick    # smoke run: 1 seed, 10/class, 1 epoch
-python benchmarks/transfer_report.py     # re-render this page from docs/benchmarks/transfer.json
-```
-
-### Closing note: headline figures
-
-{headline(summary, results)}
-"""
-
-
-def write_report(results: dict, docs: Path) -> Path:
-    page = docs / "benchmarks.md"
-    notes = "(notes)"
-    if page.is_file():
-        found = NOTES.search(page.read_text())
-        if found:
-            notes = found.group(0)[len("<!-- NOTES -->"):-len("<!-- /NOTES -->")].strip()
     plot(summarise(results), docs)
-    page.write_text(render(results, notes))
-    print(f"wrote {page} and its plots")
-    return page
+    update_docs(docs.parent)
 
 
 if __name__ == "__main__":
