@@ -429,9 +429,9 @@ def select_params(selectors: list[str], groups) -> set[str]:
             if not hits:
                 raise FreezePolicyError(
                     f"freeze selector {s!r} matches no group and no parameter{group_hint(s, names, FREEZE_KEYWORDS)}; "
-                    f"valid: 'backbone' or 'none' (alone), N, group names {names}, ranges such as "
-                    f"'{names[0]}:{names[-2] if len(names) > 1 else names[0]}', or a parameter glob matching full names "
-                    f"such as {all_params[0]!r} (e.g. '*.bn*' or '{all_params[0].split('.')[0]}.*')")
+                    f"groups are {names}; also valid: 'backbone' or 'none' (alone), N (the first N groups), a range "
+                    f"such as '{names[0]}:{names[-2] if len(names) > 1 else names[0]}', or a parameter glob matching "
+                    f"full names such as {all_params[0]!r} (e.g. '*.bn*' or '{all_params[0].split('.')[0]}.*')")
             chosen.update(hits)
     return chosen
 
