@@ -371,17 +371,21 @@ def parse_args(argv: list[str] | None = None):
     """``(model_args, data_args, training_args)``; every check that needs no model runs here (ValueError)."""
     parser = ArgumentParser((ModelArguments, DataArguments, FreezeTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        json_file = os.path.abspath(sys.argv[1])
+        model_args, data_args, training_args = parser.parse_json_file(json_file=json_file)
+        given = set(json.loads(Path(json_file).read_text()))
     else:
+        argv = sys.argv[1:] if argv is None else argv
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         if remaining:
             raise ValueError(parser.unknown_flags(remaining))
         model_args, data_args, training_args = parsed
+        given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     resume = training_args.resume_from_checkpoint
     if resume and not Path(resume).is_dir():
         raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder (give a checkpoint-N folder)")
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        training_args.do_train = training_args.do_eval = True  # neither flag: train and evaluate
+    if not given & {"do_train", "do_eval", "do_predict"}:  # none given: train, and evaluate (as before)
+        training_args.do_train = training_args.do_eval = True
     return model_args, data_args, training_args
 
 
