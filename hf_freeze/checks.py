@@ -27,9 +27,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 
 def unknown_choice(what: str, value: str, choices: Iterable[str]) -> str:
-    """``"--flag 'x' is not one of a, b, c (did you mean 'a'?)"``."""
+    """``"--flag 'x' is not valid (did you mean 'a'?); valid: a, b, c"``."""
     choices = list(choices)
-    return f"{what} {value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(value, choices)}"
+    return f"{what} {value!r} is not valid{did_you_mean(value, choices)}; valid: {', '.join(map(str, choices))}"
 
 
 def is_group_name(name: str) -> bool:

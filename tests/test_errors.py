@@ -101,8 +101,8 @@ def example():
     (["--unfreeze", "epoch5:1", "--num_train_epochs", "3"], "unfreeze 'epoch5:1' would never happen: training "
                                                             "stops after num_train_epochs=3"),
     (["--unfreeze", "step50:1", "--max_steps", "50"], "unfreeze 'step50:1' would never happen"),
-    (["--feature_cache", "memroy"], "--feature_cache 'memroy' is not one of auto, off, memory, disk "
-                                    "(did you mean 'memory'?)"),
+    (["--feature_cache", "memroy"], "--feature_cache 'memroy' is not valid (did you mean 'memory'?); valid: auto, "
+                                    "off, memory, disk"),
     (["--freeze", "stem,none"], "freeze selector 'none' is a keyword and stands alone"),
     (["--freeze_policy_file", "/no/such/freeze_policy.json"], "no freeze_policy.json at /no/such/freeze_policy.json"),
     (["--lora_r", "4"], "--lora_r given without --adapter"),
@@ -168,9 +168,10 @@ def test_inspect_debug_shows_the_traceback(tmp_path, monkeypatch):
 def test_search_refuses_bad_choices_before_creating_anything(tmp_path):
     out = tmp_path / "search_out"
     cases = {
-        ("--demo", "--schedules", "none,lat"): "argument --schedules: schedule 'lat' is not one of none, late, "
-                                               "gradual (did you mean 'late'?)",
-        ("--demo", "--freeze_choices", "backbon"): "freeze choice 'backbon' is not one of backbone, half",
+        ("--demo", "--schedules", "none,lat"): "argument --schedules: schedule 'lat' is not valid (did you mean "
+                                               "'late'?); valid: none, late, gradual",
+        ("--demo", "--freeze_choices", "backbon"): "freeze choice 'backbon' is not valid (did you mean 'backbone'?); "
+                                                   "valid: backbone, half, N (a group count)",
         ("--demo", "--lr_scales", "1,-0.1"): "argument --lr_scales: must be > 0, got '-0.1'",
         ("--demo", "--n_trials", "0"): "argument --n_trials: must be >= 1, got '0'",
         ("--demo", "--train_dir", str(tmp_path)): "--demo trains on the embedded digits task; drop --train_dir",
