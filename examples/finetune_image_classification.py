@@ -105,8 +105,10 @@ class DataArguments:
         "help": "Fraction of the training data held out for validation when there is no validation split."})
     image_column_name: str = field(default="image", metadata={"help": "The dataset column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "The dataset column holding the labels."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use only N training images (a seeded shuffle, as transformers' example)."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use only N validation images (a seeded shuffle, as transformers' example)."})
     image_size: int | None = field(default=None, metadata={
         "help": "Train and evaluate at this size (pixels) instead of the image processor's."})
     augment: str | None = field(default=None, metadata={
@@ -223,7 +225,8 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -
     if data_args.max_train_samples is not None:
         data["train"] = data["train"].shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.max_eval_samples is not None:
-        data["validation"] = data["validation"].select(range(min(data_args.max_eval_samples, len(data["validation"]))))
+        n = min(data_args.max_eval_samples, len(data["validation"]))
+        data["validation"] = data["validation"].shuffle(seed=seed).select(range(n))
     return data
 
 

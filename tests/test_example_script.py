@@ -411,3 +411,35 @@ def test_upstream_shaped_script_logs_the_policy_and_refuses_bad_groups_early(tmp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_freeze_logs(proc.stdout + proc.stderr)
     assert "eval_accuracy" in json.loads((tmp_path / "ok" / "eval_results.json").read_text())
+
+
+#: the flags of transformers' run_image_classification.py besides TrainingArguments' (its ModelArguments and
+#: DataTrainingArguments), with values that parse offline
+UPSTREAM_FLAGS = {
+    "model": ["--model_type", "resnet", "--config_name", "{base}", "--cache_dir", "{tmp}/cache", "--model_revision",
+              "main", "--image_processor_name", "{base}", "--token", "hf_dummy", "--trust_remote_code", "False",
+              "--ignore_mismatched_sizes", "True"],
+    "data": ["--train_val_split", "0.2", "--max_train_samples", "8", "--max_eval_samples", "4",
+             "--image_column_name", "image", "--label_column_name", "label"],
+}
+
+
+def test_accepts_every_flag_of_run_image_classification(tmp_path, base, folders):
+    train, validation = folders
+    common = [a.format(base=base, tmp=tmp_path) for a in UPSTREAM_FLAGS["model"] + UPSTREAM_FLAGS["data"]]
+    training = ["--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--remove_unused_columns", "False",
+                "--eval_strategy", "epoch", "--use_cpu", "--report_to", "none"]
+    local = ["--model_name_or_path", str(base), "--train_dir", str(train), "--validation_dir", str(validation)]
+    model_args, data_args, training_args = example.parse_args([*local, *common, *training])
+    assert (model_args.model_type, model_args.config_name, data_args.max_eval_samples) == ("resnet", str(base), 4)
+    assert training_args.do_train and training_args.do_eval and not training_args.remove_unused_columns
+    hub = ["--model_name_or_path", "google/vit-base-patch16-224-in21k", "--dataset_name", "beans",
+           "--dataset_config_name", "default"]
+    model_args, data_args, _ = example.parse_args([*hub, *common, *training])  # parsing loads nothing
+    assert (data_args.dataset_name, data_args.dataset_config_name) == ("beans", "default")
+    # --do_eval alone evaluates without training, as upstream; no do_* flag at all: train and evaluate
+    _, _, only_eval = example.parse_args([*local, "--output_dir", str(tmp_path / "o"), "--do_eval"])
+    assert only_eval.do_eval and not only_eval.do_train
+    _, _, default = example.parse_args([*local, "--output_dir", str(tmp_path / "o")])
+    assert default.do_train and default.do_eval
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
