@@ -45,7 +45,9 @@ def wall_time(args: list[str], repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env(), cwd=SOURCE)
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(), cwd=SOURCE)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
         times.append(time.perf_counter() - t)
     return times
 
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     light = ("python -c 'import hf_freeze'", "hf-freeze --help")
     leaked = {k: [m for m in results[k]["heavy_imported"] if m in lazy] for k in light}
     out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews timings
            "source": "this checkout" if SOURCE == ROOT else str(SOURCE), "commands": results,
            "must_stay_lazy": lazy, "leaked": leaked}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
