@@ -1,15 +1,21 @@
 #!/usr/bin/env python
 """Fine-tune any ``AutoModelForImageClassification`` with a freeze policy (hf_freeze).
 
-In the spirit of transformers' ``examples/pytorch/image-classification/run_image_classification.py``:
-the same flags (``--model_name_or_path``, ``--dataset_name`` or ``--train_dir/--validation_dir``,
-every ``TrainingArguments`` flag) plus hf_freeze's ``--freeze --unfreeze --train_bn --layer_lr_decay
---verify_frozen --freeze_policy_file``. Runs as ``python``, ``torchrun`` or ``accelerate launch``
-(see examples/README.md).
+A drop-in for transformers' ``examples/pytorch/image-classification/run_image_classification.py``: it
+accepts every flag of that script (``--model_name_or_path``, ``--model_type``, ``--config_name``,
+``--image_processor_name``, ``--dataset_name`` or ``--train_dir/--validation_dir``, ``--image_column_name``,
+every ``TrainingArguments`` flag; examples/README.md lists them) plus hf_freeze's ``--freeze --unfreeze
+--train_bn --layer_lr_decay --verify_frozen --freeze_policy_file --adapter ...``. Runs as ``python``,
+``torchrun`` or ``accelerate launch`` (see examples/README.md).
 
 With neither a model nor data given it runs the embedded default, offline: the small ResNet that
 hf_freeze pretrains on scikit-learn's handwritten digits 0-4 (cached after the first run), fine-tuned
 on digits 5-9 with ``--shots_per_class`` images per class.
+
+Bad arguments stop it before anything is downloaded, loaded or written, with one line
+(``finetune_image_classification.py: error: ...``) and exit code 2; ``HF_FREEZE_DEBUG=1`` shows the
+traceback instead. Logging follows transformers' (``--log_level``): the freeze report and every unfreeze
+appear on the main process.
 
 Writes to ``--output_dir``: the model (``config.json`` with the policy, ``freeze_policy.json``), the
 image processor, ``freeze_report.txt``/``.md``, ``freeze_events.json``, ``all_results.json``,
@@ -30,9 +36,13 @@ import transformers
 from datasets import DatasetDict, load_dataset
 from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.trainer_utils import get_last_checkpoint
 
 import hf_freeze
 from hf_freeze import FreezeTrainer, FreezeTrainingArguments
+from hf_freeze.checks import did_you_mean, model_source_problem
+from hf_freeze.cli import DEBUG_ENV, debug_enabled, one_line
 from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.metrics import classification_metrics
 
@@ -45,10 +55,17 @@ EMBEDDED_AUGMENT = "crop"  # no flips: a mirrored digit is another symbol
 EMBEDDED_MIN_CROP_SCALE = 0.85
 
 
+MODEL_TYPES = tuple(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Hub model id or local folder. Default: the embedded digits ResNet (pretrained and cached on first use)."})
+    model_type: str | None = field(default=None, metadata={
+        "help": "The model's type (one of: " + ", ".join(MODEL_TYPES) + "); checked against the loaded config."})
+    config_name: str | None = field(default=None, metadata={
+        "help": "Config (Hub id or folder) when it differs from --model_name_or_path."})
     image_processor_name: str | None = field(default=None, metadata={
         "help": "Image processor (Hub id or folder) when it differs from --model_name_or_path."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
@@ -57,6 +74,22 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(default=True, metadata={
         "help": "Give the model a new head when the dataset's labels differ from the checkpoint's (default: True)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+    def __post_init__(self):
+        problems = []
+        for flag in ("model_name_or_path", "config_name", "image_processor_name"):
+            value = getattr(self, flag)
+            problem = model_source_problem(value, tiny=False) if value else None
+            if problem:
+                problems.append(f"--{flag}: {problem}")
+        if self.model_type is not None and self.model_type not in MODEL_TYPES:
+            problems.append(f"--model_type {self.model_type!r} is not an image-classification model type"
+                            f"{did_you_mean(self.model_type, MODEL_TYPES)}; valid: {', '.join(MODEL_TYPES)}")
+        if self.model_type and not (self.model_name_or_path or self.config_name):
+            problems.append(f"--model_type {self.model_type} needs --model_name_or_path or --config_name (the "
+                            "embedded default is a resnet)")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -72,8 +105,10 @@ class DataArguments:
         "help": "Fraction of the training data held out for validation when there is no validation split."})
     image_column_name: str = field(default="image", metadata={"help": "The dataset column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "The dataset column holding the labels."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use only N training images (a seeded shuffle, as transformers' example)."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use only N validation images (a seeded shuffle, as transformers' example)."})
     image_size: int | None = field(default=None, metadata={
         "help": "Train and evaluate at this size (pixels) instead of the image processor's."})
     augment: str | None = field(default=None, metadata={
@@ -142,7 +177,7 @@ def load_hub_dataset(name: str, config: str | None, cache_dir: str | None, token
     try:
         return load_dataset(name, config, cache_dir=cache_dir, token=token)
     except ConnectionError as e:
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not load --dataset_name {name!r} from the Hugging Face Hub ({e}). Without network access "
             "(or with HF_HUB_OFFLINE=1) pass local images instead: --train_dir DIR [--validation_dir DIR], "
             "one subfolder per class.") from e
@@ -190,7 +225,8 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -
     if data_args.max_train_samples is not None:
         data["train"] = data["train"].shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.max_eval_samples is not None:
-        data["validation"] = data["validation"].select(range(min(data_args.max_eval_samples, len(data["validation"]))))
+        n = min(data_args.max_eval_samples, len(data["validation"]))
+        data["validation"] = data["validation"].shuffle(seed=seed).select(range(n))
     return data
 
 
@@ -248,7 +284,9 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-compute_metrics = classification_metrics  # accuracy (+ top-5 beyond 5 classes), computed locally
+# accuracy (+ top-5 beyond 5 classes) through `evaluate` modules shipped with hf_freeze (offline; the Hub's
+# evaluate.load("accuracy") gives the same accuracy where the Hub is reachable)
+compute_metrics = classification_metrics
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -265,21 +303,17 @@ def resolve_model_path(model_args: ModelArguments, training_args, seed: int) -> 
 def load_model(path: str, model_args: ModelArguments, labels: list[str]):
     """The model with a head for ``labels`` (a new head when they differ from the checkpoint's)."""
     config = AutoConfig.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-        finetuning_task="image-classification", cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-        token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+        model_args.config_name or path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)}, finetuning_task="image-classification",
+        cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code)
+    if model_args.model_type and config.model_type != model_args.model_type:
+        raise ValueError(f"--model_type {model_args.model_type} but {model_args.config_name or path} is a "
+                         f"{config.model_type!r} model")
     return AutoModelForImageClassification.from_pretrained(
         path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
         token=model_args.token, trust_remote_code=model_args.trust_remote_code,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
-
-
-def check_policy(model, training_args: FreezeTrainingArguments) -> None:
-    """Resolve the command line's policy against the model now: a bad group name fails before the Trainer
-    creates --output_dir (FreezePolicyError names the model's groups)."""
-    policy = training_args.freeze_policy()
-    if policy is not None:
-        hf_freeze.resolve(policy, hf_freeze.layer_groups(model))
 
 
 def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrainingArguments) -> None:
@@ -323,28 +357,56 @@ def card_kwargs(model_args: ModelArguments, data_args: DataArguments, model_path
     return kwargs
 
 
-def print_events(trainer: FreezeTrainer) -> None:
-    for e in trainer.freeze_callback.events_log:
-        print(f"unfroze {', '.join(e['groups'])} at {e['when']} (step {e['step']}, lr x{e['lr_scale']:g}): "
-              f"{e['trainable_params']:,} trainable parameters")
-
-
 # ---------------------------------------------------------------------------------------------- main
+class ArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are one line, ``prog: error: message``, exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+    def unknown_flags(self, remaining: list[str]) -> str:
+        known = list(self._option_string_actions)  # argparse's table of flags
+        hints = "".join(did_you_mean(f.split("=")[0], known) for f in remaining if f.startswith("--"))
+        return f"unrecognized arguments: {' '.join(remaining)}{hints}"
+
+
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, FreezeTrainingArguments))
+    """``(model_args, data_args, training_args)``; every check that needs no model runs here (ValueError)."""
+    parser = ArgumentParser((ModelArguments, DataArguments, FreezeTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        json_file = os.path.abspath(sys.argv[1])
+        model_args, data_args, training_args = parser.parse_json_file(json_file=json_file)
+        given = set(json.loads(Path(json_file).read_text()))
+    else:
+        argv = sys.argv[1:] if argv is None else argv
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if remaining:
+            raise ValueError(parser.unknown_flags(remaining))
+        model_args, data_args, training_args = parsed
+        given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    resume = training_args.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder (give a checkpoint-N folder)")
+    if not given & {"do_train", "do_eval", "do_predict"}:  # none given: train, and evaluate (as before)
+        training_args.do_train = training_args.do_eval = True
+    return model_args, data_args, training_args
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+def setup_logging(training_args) -> None:
+    """As transformers' example: INFO on the main process (``--log_level`` to change), WARNING on the others."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()  # log_level "passive" means INFO here, as upstream
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logging.getLogger("hf_freeze").setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)  # hf_freeze's messages follow it
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def prepare(model_args: ModelArguments, data_args: DataArguments, training_args: FreezeTrainingArguments):
+    """Data, model, policy check and the FreezeTrainer: everything before training. Returns (trainer, model_path)."""
     apply_embedded_defaults(data_args, training_args)
     training_args.remove_unused_columns = False  # the transforms need the raw image column
     set_seed(training_args.seed)
@@ -356,42 +418,75 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_path, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, token=model_args.token, trust_remote_code=model_args.trust_remote_code)
-    model = load_model(model_path, model_args, labels)
-    check_policy(model, training_args)
+    model = load_model(model_path, model_args, labels)  # FreezeTrainer checks the policy against it first
 
     resize, crop = processor_sizes(processor, data_args.image_size)
     train_tf, eval_tf = build_transforms(processor, resize, crop, parse_augment(data_args.augment),
                                          data_args.min_crop_scale)
     train_set = data["train"].with_transform(batch_transform(train_tf))
     eval_set = data["validation"].with_transform(batch_transform(eval_tf))
+    logger.info(f"Model: {model_path} -> {len(labels)} labels; data: {len(train_set)} train / {len(eval_set)} "
+                f"validation images at {crop[0]}x{crop[1]} px; augmentation: {data_args.augment}")
+    trainer = FreezeTrainer(model=model, args=training_args, train_dataset=train_set if training_args.do_train else None,
+                            eval_dataset=eval_set if training_args.do_eval else None, data_collator=collate,
+                            compute_metrics=compute_metrics, processing_class=processor)
+    return trainer, model_path
 
-    trainer = FreezeTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                            data_collator=collate, compute_metrics=compute_metrics, processing_class=processor)
-    if training_args.should_log:
-        print(f"Model: {model_path} -> {len(labels)} labels; data: {len(train_set)} train / {len(eval_set)} "
-              f"validation images at {crop[0]}x{crop[1]} px; augmentation: {data_args.augment}")
-        print(hf_freeze.freeze_report(model))
 
+def train_and_save(trainer: FreezeTrainer, model_args, data_args, training_args, model_path: str) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
-    metrics.update(train_result.metrics)
-    eval_metrics = trainer.evaluate()
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-    metrics.update(eval_metrics)
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(training_args.output_dir):
+            checkpoint = get_last_checkpoint(training_args.output_dir)  # as transformers' example: resume
+            if checkpoint:
+                logger.info(f"Checkpoint detected, resuming training at {checkpoint}.")
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        metrics.update(train_result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.do_predict:
+        logger.warning("--do_predict: this script has no test split to predict on (as transformers' example); ignored")
 
     if training_args.should_save:
         report = write_freeze_outputs(trainer, training_args.output_dir)
-        print_events(trainer)
-        print(report)
+        logger.info(f"hf_freeze: freeze policy at the end of training:\n{report}")
         trainer.create_model_card(**card_kwargs(model_args, data_args, model_path))
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs(model_args, data_args, model_path))
     return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """The whole run; bad input raises (ValueError, OSError, FreezePolicyError) before anything is written."""
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    trainer, model_path = prepare(model_args, data_args, training_args)
+    return train_and_save(trainer, model_args, data_args, training_args, model_path)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: bad input (found before training starts) is one line on stderr, exit code 2;
+    ``HF_FREEZE_DEBUG=1`` shows the traceback instead."""
+    prog = os.path.basename(sys.argv[0]) or "finetune_image_classification.py"
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+        setup_logging(training_args)
+        trainer, model_path = prepare(model_args, data_args, training_args)
+    except (ValueError, OSError) as e:  # FreezePolicyError, UnsupportedModelError, missing files, Hub errors
+        if debug_enabled():
+            raise
+        print(f"{prog}: error: {one_line(e)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+    train_and_save(trainer, model_args, data_args, training_args, model_path)
+    return 0
 
 
 def close_process_group() -> None:
@@ -402,5 +497,6 @@ def close_process_group() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    code = cli()
     close_process_group()
+    sys.exit(code)

@@ -1,34 +1,81 @@
-"""hf_freeze: declarative, verified layer freezing for Hugging Face image classifiers."""
+"""hf_freeze: declarative, verified layer freezing for Hugging Face image classifiers.
 
-from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter
-from .apply import apply_policy, changed_frozen_tensors, get_state, remove_policy, unfreeze_groups, verify_frozen
-from .args import DeltaArguments, FreezeArguments, FreezeTrainingArguments
-from .callback import FreezeCallback
-from .delta import BaseModelChanged, DeltaManifest, apply_delta, from_pretrained, save_delta
-from .errors import FreezePolicyError, FrozenWeightsChanged, UnsupportedModelError
-from .fingerprint import Fingerprint
-from .groups import LayerGroup, LayerGroups, layer_groups
-from .hub import PushFailed, push_folder
-from .model_card import CardConfig, render_model_card, write_model_card
-from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
-from .report import FreezeReport, freeze_report
-from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
-from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained
+The names below are imported on first use (PEP 562), so ``import hf_freeze`` and ``hf-freeze --help``
+load neither torch nor transformers, and optional packages (peft, datasets, optuna, matplotlib, timm,
+evaluate) load only where they are used; benchmarks/import_time.py measures it.
+"""
+
+# ruff: noqa: F401
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
+#: public name -> the submodule that defines it
+_EXPORTS = {
     # policies and the core engine
-    "FreezePolicy", "Unfreeze", "FreezePlan", "resolve", "LayerGroup", "LayerGroups", "layer_groups",
-    "apply_policy", "remove_policy", "unfreeze_groups", "verify_frozen", "changed_frozen_tensors", "get_state",
-    "FreezeReport", "freeze_report", "Fingerprint",
-    "FreezePolicyError", "FrozenWeightsChanged", "UnsupportedModelError",
+    "FreezePolicy": "policy", "Unfreeze": "policy", "FreezePlan": "policy", "resolve": "policy",
+    "LayerGroup": "groups", "LayerGroups": "groups", "layer_groups": "groups",
+    "apply_policy": "apply", "remove_policy": "apply", "unfreeze_groups": "apply", "verify_frozen": "apply",
+    "changed_frozen_tensors": "apply", "get_state": "apply",
+    "FreezeReport": "report", "freeze_report": "report", "Fingerprint": "fingerprint",
+    "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "UnsupportedModelError": "errors",
     # Trainer integration
-    "FreezeCallback", "FreezeTrainer", "FreezeTrainerMixin", "FreezeArguments", "FreezeTrainingArguments",
-    "policy_from_pretrained", "FreezeSearchSpace", "SearchResult", "search_freeze_policies",
+    "FreezeCallback": "callback", "FreezeTrainer": "trainer", "FreezeTrainerMixin": "trainer",
+    "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "trainer",
+    "FreezeSearchSpace": "search", "SearchResult": "search", "search_freeze_policies": "search",
     # adapters
-    "AdapterConfig", "AdapterPlan", "add_adapter", "load_adapter", "save_adapter",
+    "AdapterConfig": "adapters", "AdapterPlan": "adapters", "add_adapter": "adapters", "load_adapter": "adapters",
+    "save_adapter": "adapters",
     # sharing
-    "CardConfig", "render_model_card", "write_model_card", "DeltaArguments", "DeltaManifest", "BaseModelChanged",
-    "apply_delta", "save_delta", "from_pretrained", "PushFailed", "push_folder",
-]
+    "CardConfig": "model_card", "render_model_card": "model_card", "write_model_card": "model_card",
+    "DeltaArguments": "args", "DeltaManifest": "delta", "BaseModelChanged": "delta", "apply_delta": "delta",
+    "save_delta": "delta", "from_pretrained": "delta", "PushFailed": "hub", "push_folder": "hub",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:  # a submodule, e.g. hf_freeze.tiny
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed in __all__ through _EXPORTS)
+    from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter
+    from .apply import (
+        apply_policy,
+        changed_frozen_tensors,
+        get_state,
+        remove_policy,
+        unfreeze_groups,
+        verify_frozen,
+    )
+    from .args import DeltaArguments, FreezeArguments, FreezeTrainingArguments
+    from .callback import FreezeCallback
+    from .delta import BaseModelChanged, DeltaManifest, apply_delta, from_pretrained, save_delta
+    from .errors import FreezePolicyError, FrozenWeightsChanged, UnsupportedModelError
+    from .fingerprint import Fingerprint
+    from .groups import LayerGroup, LayerGroups, layer_groups
+    from .hub import PushFailed, push_folder
+    from .model_card import CardConfig, render_model_card, write_model_card
+    from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
+    from .report import FreezeReport, freeze_report
+    from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
+    from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained

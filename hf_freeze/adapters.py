@@ -44,6 +44,7 @@ from typing import Any
 
 from torch import nn
 
+from .checks import did_you_mean, group_hint
 from .errors import FreezePolicyError
 from .groups import ADAPTER, COPY, HEAD, named_base_modules, named_base_parameters, named_peft_parameters, peft_wrappers
 
@@ -118,7 +119,7 @@ class AdapterConfig:
             self.groups = _parse_groups(self.groups)
         problems = []
         if self.method not in METHODS:
-            problems.append(f"method={self.method!r}: expected one of {sorted(METHODS)}")
+            problems.append(f"method={self.method!r}: expected one of {sorted(METHODS)}{did_you_mean(self.method, METHODS)}")
         if not (_is_int(self.r) and self.r >= 1):
             problems.append(f"r must be an integer >= 1, got {self.r!r}")
         if not (_is_number(self.alpha) and self.alpha > 0):
@@ -308,7 +309,7 @@ def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozen
             elif ":" in sel:
                 ranged.update(_group_range(sel, names))
             else:
-                raise FreezePolicyError(f"adapter groups: unknown group {sel!r}; groups are {names}")
+                raise FreezePolicyError(f"adapter groups: unknown group {sel!r}{group_hint(sel, names)}; groups are {names}")
         empty = [n for n in names if n in named and n not in adaptable and n != HEAD]
         if empty or not (named | ranged) & (adaptable | {HEAD}):
             empty = empty or [n for n in names if n in ranged]

@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .adapters import AdapterConfig
+from .checks import policy_problems, schedule_problems, unknown_choice
 from .errors import FreezePolicyError
 from .policy import FreezePolicy, Unfreeze
 
@@ -56,6 +58,36 @@ class FreezeArguments:
         "help": "Groups that get adapters: 'backbone' (default: all but the head), N (the last N before the head), "
                 "or names/ranges joined by '+' or ',' (stage.2+stage.3, stage.1:neck)."})
 
+    def __post_init__(self):
+        self.check_freeze_arguments()
+
+    def check_freeze_arguments(self, num_train_epochs: float | None = None, max_steps: int | None = None) -> None:
+        """Check every freeze flag that needs no model (raised by ``HfArgumentParser`` while parsing, before any
+        model, data or folder is touched): values, group-name shapes, adapter method, feature-cache mode, and
+        unfreeze events that would never fire within ``num_train_epochs``/``max_steps``. FreezePolicyError names
+        each problem; what needs the model (does it have a ``stage.9``?) is checked by FreezeTrainer."""
+        from .feature_cache import MODES
+
+        problems = []
+        if self.feature_cache not in MODES:
+            problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
+        if self.freeze_policy_file:
+            given = [f"--{name}" for name, default in _POLICY_FLAG_DEFAULTS.items() if getattr(self, name) != default]
+            if given:
+                problems.append(f"--freeze_policy_file sets the whole policy, so {', '.join(given)} would be ignored; "
+                                "give either the file or the flags")
+        try:
+            policy = self.freeze_policy()
+        except (FreezePolicyError, OSError, json.JSONDecodeError) as e:
+            where = f"--freeze_policy_file {self.freeze_policy_file}: " if self.freeze_policy_file else ""
+            problems.append(where + str(e))
+        else:
+            if policy is not None:
+                problems += policy_problems(policy)
+                problems += schedule_problems(policy, num_train_epochs, max_steps)
+        if problems:
+            raise FreezePolicyError("; ".join(problems))
+
     def freeze_policy(self) -> FreezePolicy | None:
         """The FreezePolicy these arguments describe, or None when no freeze flag was given."""
         if self.freeze_policy_file:
@@ -89,6 +121,12 @@ class FreezeArguments:
         return AdapterConfig.from_dict({**config.to_dict(), **flags})
 
 
+#: the flags that make up a policy, with their defaults (``--freeze_policy_file`` replaces them all)
+_POLICY_FLAG_DEFAULTS = {"freeze": None, "unfreeze": None, "train_bn": False, "unfreeze_bn": False,
+                         "layer_lr_decay": None, "verify_frozen": True, "adapter": None, "lora_r": None,
+                         "lora_alpha": None, "lora_dropout": None, "adapter_groups": None}
+
+
 @dataclass
 class DeltaArguments:
     """Save (and push) only the trained tensors plus a reference to the base model (see ``hf_freeze.delta``)."""
@@ -109,3 +147,8 @@ class FreezeTrainingArguments(TrainingArguments, FreezeArguments, DeltaArguments
 
     average_tokens_across_devices: bool = field(default=False, metadata={
         "help": "Kept False for image classification: the model's loss is already a per-batch mean."})
+
+    def __post_init__(self):
+        # the freeze flags first: a bad one fails while parsing, before TrainingArguments sets anything up
+        self.check_freeze_arguments(self.num_train_epochs, self.max_steps)
+        super().__post_init__()

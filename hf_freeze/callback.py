@@ -18,18 +18,20 @@ import functools
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ._logging import get_logger
 from .apply import apply_policy, get_state, rewind_events, set_frozen, unfreeze_groups, verify_frozen
 from .distributed import check_backend
 from .errors import FreezePolicyError
-from .groups import unwrap_model
+from .groups import layer_groups, unwrap_model
 from .param_groups import ever_trainable
 from .policy import FreezePolicy, Timing, resolve
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 CONFIG_KEY = "freeze_policy"
 
 
@@ -40,13 +42,20 @@ class FreezeCallback(TrainerCallback):
     parameter groups: use :class:`hf_freeze.FreezeTrainer` for those.
     """
 
-    def __init__(self, policy: FreezePolicy | dict | str | None = None, *, _param_groups: bool = False):
+    def __init__(self, policy: FreezePolicy | dict | str | None = None, *, model=None, _param_groups: bool = False):
+        """``model``: check the policy against it now (a bad group name fails here, before the Trainer exists);
+        without it the check runs when the Trainer is built, and an output folder it just created is removed."""
         self.policy = FreezePolicy.coerce(policy)
         if self.policy.needs_param_groups and not _param_groups:
             raise FreezePolicyError(
                 f"policy {self.policy.to_string()!r} sets per-group learning rates (lr_scale / layer_lr_decay), "
                 "which the plain Trainer's optimizer ignores. Use hf_freeze.FreezeTrainer(freeze_policy=...) "
                 "(or FreezeTrainerMixin on your Trainer subclass) instead of FreezeCallback.")
+        if model is not None:
+            resolve(self.policy, layer_groups(model))
+        self._standalone = not _param_groups  # FreezeTrainer cleans up after a failed __init__ itself
+        self._created_at = time.time()
+        self._log_level = logging.INFO
         self.pending_logs: dict[str, float] = {}
         self.events_log: list[dict] = []
         #: steps per epoch of the run (known once the training dataloader exists); see :meth:`set_timing`
@@ -62,7 +71,7 @@ class FreezeCallback(TrainerCallback):
         state = get_state(model)
         if state is None or state.policy != self.policy or state.events_done:
             report = apply_policy(model, self.policy)
-            logger.info("hf_freeze policy applied:\n%s", report)
+            logger.debug("hf_freeze policy applied:\n%s", report)
             if report.input_issue:
                 logger.warning("hf_freeze: %s: %s", type(model).__name__, report.input_issue)
             state = get_state(model)
@@ -101,10 +110,17 @@ class FreezeCallback(TrainerCallback):
                     self.timing.steps_per_epoch, ", ".join(f"{'+'.join(e.groups)} at {e.when}" for e in fstate.plan.events))
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
+        if model is None:
+            return
+        try:
             self.setup(model, args)
+        except FreezePolicyError:
+            if self._standalone and getattr(args, "should_save", False):
+                _remove_if_new_and_empty(args.output_dir, self._created_at)
+            raise
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._log_level = logging.INFO if getattr(args, "should_log", True) else logging.DEBUG  # main process only
         model = unwrap_model(model)
         fstate = get_state(model)
         if fstate is None:  # model_init replaced the model, or setup was never run
@@ -114,6 +130,10 @@ class FreezeCallback(TrainerCallback):
         self._fire_due(model, state, resumed=state.global_step > 0)
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on
         self.pending_logs["freeze/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if logger.isEnabledFor(self._log_level):
+            from .report import freeze_report
+
+            logger.log(self._log_level, "hf_freeze: freeze policy at the start of training:\n%s", freeze_report(model))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         fstate = get_state(model)
@@ -140,8 +160,10 @@ class FreezeCallback(TrainerCallback):
             self.pending_logs.update({"freeze/trainable_params": trainable,
                                       "freeze/unfrozen_groups": float(len(fstate.unfrozen)),
                                       "freeze/events_done": float(fstate.events_done)})
-            logger.info("hf_freeze: unfroze %s at %s (%s%s)", ", ".join(event.groups), event.when,
-                        f"lr x{event.lr_scale:g}", ", restored on resume" if resumed else "")
+            logger.log(self._log_level,
+                       "hf_freeze: unfroze %s at %s (step %d, lr x%s%s): %s trainable parameters",
+                       ", ".join(event.groups), event.when, state.global_step, f"{event.lr_scale:g}",
+                       ", restored on resume" if resumed else "", f"{trainable:,}")
         return fired
 
     # ------------------------------------------------------------------ logging
@@ -235,3 +257,16 @@ def timing_of(args, dataloader) -> Timing | None:
         return Timing(max_steps, max_steps * accumulation, accumulation) if max_steps and max_steps > 0 else None
     steps = max(batches // accumulation + int(batches % accumulation > 0), 1)
     return Timing(steps, batches, accumulation)
+
+
+def _remove_if_new_and_empty(folder, since: float) -> None:
+    """Remove ``folder`` if it is empty and was created after ``since`` (by the Trainer whose set-up failed).
+
+    The Trainer creates ``output_dir`` before ``on_init_end``; a folder that existed earlier is left alone
+    (its change time predates ``since``; 0.05 s allow for the file system's coarser clock).
+    """
+    try:
+        if not os.listdir(folder) and os.stat(folder).st_ctime >= since - 0.05:
+            os.rmdir(folder)
+    except OSError:
+        pass

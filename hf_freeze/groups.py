@@ -7,7 +7,6 @@ anything else goes through :func:`discover_layout` (and says so).
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 from collections.abc import Iterable
@@ -15,10 +14,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ._logging import get_logger
 from .architectures import ARCHITECTURES, TIMM_MODEL_TYPE, Layout
 from .errors import UnsupportedModelError
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 HEAD, STEM, NECK = "head", "stem", "neck"
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import AdapterConfig
+from .checks import FREEZE_KEYWORDS, group_hint
 from .errors import FreezePolicyError
 
 POLICY_FILE = "freeze_policy.json"
@@ -401,7 +402,8 @@ def _group_range(selector: str, names: list[str]) -> list[str]:
     lo, hi = lo.strip(), hi.strip()
     missing = [x for x in (lo, hi) if x not in names]
     if missing:
-        raise FreezePolicyError(f"freeze range {selector!r}: unknown group(s) {missing}; groups are {names}")
+        raise FreezePolicyError(f"freeze range {selector!r}: unknown group(s) {missing}"
+                                f"{group_hint(missing[0], names)}; groups are {names}")
     i, j = names.index(lo), names.index(hi)
     if i > j:
         raise FreezePolicyError(f"freeze range {selector!r} runs backwards; write it input-to-output: "
@@ -426,8 +428,10 @@ def select_params(selectors: list[str], groups) -> set[str]:
             hits = [n for n in all_params if fnmatch.fnmatchcase(n, s)]
             if not hits:
                 raise FreezePolicyError(
-                    f"freeze selector {s!r} matches no group and no parameter; groups are {names}; a parameter "
-                    f"glob must match full names such as {all_params[0]!r} (e.g. '*.bn*' or '{all_params[0].split('.')[0]}.*')")
+                    f"freeze selector {s!r} matches no group and no parameter{group_hint(s, names, FREEZE_KEYWORDS)}; "
+                    f"groups are {names}; also valid: 'backbone' or 'none' (alone), N (the first N groups), a range "
+                    f"such as '{names[0]}:{names[-2] if len(names) > 1 else names[0]}', or a parameter glob matching "
+                    f"full names such as {all_params[0]!r} (e.g. '*.bn*' or '{all_params[0].split('.')[0]}.*')")
             chosen.update(hits)
     return chosen
 
@@ -487,7 +491,8 @@ def _resolve_events(events: list[Unfreeze], order: tuple[int, ...], frozen_group
         else:
             unknown = [g for g in u.groups if g not in names]
             if unknown:
-                raise FreezePolicyError(f"unfreeze {u.to_string()!r}: unknown group(s) {unknown}; groups are {names}")
+                raise FreezePolicyError(f"unfreeze {u.to_string()!r}: unknown group(s) {unknown}"
+                                        f"{group_hint(unknown[0], names)}; groups are {names}")
             not_frozen = [g for g in u.groups if g not in still_frozen]
             if not_frozen:
                 raise FreezePolicyError(

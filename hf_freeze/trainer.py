@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
+from ._logging import get_logger
 from .adapters import add_adapter
 from .apply import get_state
 from .callback import CONFIG_KEY, FreezeCallback
@@ -30,13 +30,13 @@ from .delta import (
 )
 from .distributed import check_model_data
 from .errors import FreezePolicyError
-from .groups import peft_wrappers, unwrap_model
+from .groups import layer_groups, peft_wrappers, unwrap_model
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
 from .param_groups import freeze_param_groups
-from .policy import FreezePolicy, Timing
+from .policy import FreezePolicy, Timing, resolve
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class FreezeTrainerMixin:
@@ -53,6 +53,7 @@ class FreezeTrainerMixin:
         training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         policy = _pick_policy(freeze_policy, training_args, model)
+        _check_before_init(policy, model, feature_cache or getattr(training_args, "feature_cache", None))
         check_model_data(model, policy, training_args)  # before the Trainer moves the model: meta tensors
         if model is not None and policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, policy)
@@ -62,7 +63,14 @@ class FreezeTrainerMixin:
                 args = (model, *args[1:])
         self.freeze_callback = FreezeCallback(policy, _param_groups=True)
         kwargs["callbacks"] = [self.freeze_callback, *(kwargs.get("callbacks") or [])]
-        super().__init__(*args, **kwargs)
+        output_dir = getattr(training_args, "output_dir", None)
+        existed = output_dir is None or os.path.exists(output_dir)
+        try:
+            super().__init__(*args, **kwargs)
+        except FreezePolicyError:  # the policy did not fit (on_init_end): leave no new, empty output_dir behind
+            if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
+                os.rmdir(output_dir)
+            raise
         # first in line, so TensorBoard/W&B/printer callbacks see the freeze metrics it adds to the logs
         handler = self.callback_handler.callbacks
         handler.remove(self.freeze_callback)
@@ -299,6 +307,17 @@ class FreezeTrainer(FreezeTrainerMixin, Trainer):
 
 def _has_full_weights(folder) -> bool:
     return any((Path(folder) / name).is_file() for name in FULL_WEIGHTS)
+
+
+def _check_before_init(policy: FreezePolicy, model, feature_cache: str | None) -> None:
+    """What can be checked before the Trainer exists (and creates ``output_dir``): the policy against the model's
+    groups, and the feature-cache mode. FreezePolicyError, with "did you mean" where it helps."""
+    if feature_cache is not None and feature_cache not in fc.MODES:
+        from .checks import unknown_choice
+
+        raise FreezePolicyError(unknown_choice("feature_cache", feature_cache, fc.MODES))
+    if model is not None:
+        resolve(policy, layer_groups(model))
 
 
 def _pick_policy(explicit, training_args, model) -> FreezePolicy:

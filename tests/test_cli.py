@@ -37,9 +37,27 @@ def test_inspect_local_folder_reads_only_the_config():
 
 @pytest.mark.parametrize("args,words", [
     (("inspect", "tiny:deit", "--freeze", "stage.9"), "matches no group"),
-    (("inspect", "tiny:nosuchtype"), "no tiny config for 'nosuchtype'"),
+    (("inspect", "tiny:nosuchtype"), "unknown tiny model type 'nosuchtype'; known: beit, bit, clip,"),
     (("inspect", "tiny:shieldgemma2"), "not a pixel_values -> labels classifier"),
 ])
 def test_inspect_errors_are_one_clear_line(args, words):
     out = run(*args)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("hf-freeze inspect: error: ")
+
+
+LAZY = ("peft", "datasets", "optuna", "matplotlib", "timm", "evaluate")
+
+
+@pytest.mark.parametrize("code", [
+    "import hf_freeze",
+    "import sys; sys.argv = ['hf-freeze', '--help']\nimport runpy\ntry:\n    runpy.run_module('hf_freeze.cli', run_name='__main__')\nexcept SystemExit:\n    pass",
+    "from hf_freeze import FreezePolicy, FreezeReport, layer_groups, apply_policy",
+])
+def test_optional_heavy_packages_stay_lazy(code):
+    """``import hf_freeze``, ``hf-freeze --help`` and the core API load none of the optional packages
+    (benchmarks/import_time.py measures the time)."""
+    report = f"\nimport sys; print(sorted(m for m in {LAZY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1,5 +1,7 @@
 """examples/finetune_image_classification.py end to end: real imagefolder data, a real pretrained base, a freeze
-policy with an unfreeze, evaluation, the saved model + policy + card; one and two processes (accelerate launch)."""
+policy with an unfreeze, evaluation, the saved model + policy + card; one and two processes (accelerate launch).
+Also a script shaped like transformers' run_image_classification.py with FreezeTrainer swapped in: its logging
+shows the freeze report and the unfreeze events, and a bad policy fails before any output folder exists."""
 
 from __future__ import annotations
 
@@ -145,8 +147,20 @@ def test_single_process_run_trains_evaluates_and_saves(tmp_path, base, folders, 
     assert results["eval_accuracy"] > 0.4  # 5 classes: chance is 0.2
     # the reported accuracy is the saved model's: reload it from the files and evaluate again
     assert evaluate_saved(out, folders[1]) == pytest.approx(results["eval_accuracy"], abs=1e-6)
-    assert "Freeze policy: freeze=backbone;unfreeze=epoch2:1@0.5" in proc.stdout
-    assert "unfroze stage.2 at epoch 2 (step 10, lr x0.5)" in proc.stdout
+    check_freeze_logs(proc.stdout + proc.stderr)
+
+
+def check_freeze_logs(output: str) -> None:
+    """transformers' logging (INFO on the main process, as the example sets it up) shows the freeze report table
+    once at the start of training and one line per unfreeze event."""
+    start = output.split("hf_freeze: freeze policy at the start of training:")
+    assert len(start) == 2, output[-3000:]
+    table = start[1]
+    assert "Freeze policy: freeze=backbone;unfreeze=epoch2:1@0.5" in table
+    assert "group" in table and "trainable" in table and "frozen (until epoch 2)" in table
+    assert output.count("hf_freeze: unfroze ") == 1
+    assert "hf_freeze: unfroze stage.2 at epoch 2 (step 10, lr x0.5)" in output or \
+        "hf_freeze: unfroze stage.2 at epoch 2 (step 6, lr x0.5)" in output  # two processes: 3 steps per epoch
 
 
 @pytest.mark.slow
@@ -165,6 +179,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, base, folders, cache):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == EPOCHS * math.ceil(TRAIN_IMAGES / 20)
     assert results["eval_accuracy"] > 0.3
     assert evaluate_saved(out, folders[1]) == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    check_freeze_logs(proc.stdout + proc.stderr)  # once: the main process logs, the other stays at WARNING
 
 
 def test_embedded_default_runs_without_model_or_data(tmp_path, base, cache, monkeypatch):
@@ -200,7 +215,7 @@ def test_hub_dataset_offline_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
     out = tmp_path / "never"
-    with pytest.raises(RuntimeError, match=r"could not load --dataset_name 'beans' .* --train_dir DIR"):
+    with pytest.raises(ConnectionError, match=r"could not load --dataset_name 'beans' .* --train_dir DIR"):
         example.main(["--dataset_name", "beans", "--output_dir", str(out), "--use_cpu", "--report_to", "none"])
     assert not out.exists()
 
@@ -244,3 +259,187 @@ def test_processor_sizes_follow_transformers_example():
         x = tf(image)
         assert x.shape == (3, 224, 224) and x.dtype == torch.float32
         assert torch.allclose(x[0], torch.ones(224, 224)) and torch.allclose(x[1], -torch.ones(224, 224))  # (v-.5)/.5
+
+
+def test_unknown_group_is_one_line_and_leaves_no_output_dir(tmp_path, base, folders, cache):
+    """A group the model lacks needs the model: refused after loading it, before FreezeTrainer creates --output_dir."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *cli_args(base, folders, out), "--freeze", "stem,stag.1"],
+                          capture_output=True, text=True, timeout=900, env=env(cache), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and errors[0].startswith("finetune_image_classification.py: error: freeze selector "
+                                                          "'stag.1' matches no group and no parameter (did you mean "
+                                                          "'stage.1'?); groups are ['stem', 'stage.0',"), errors
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- upstream's shape
+# transformers' examples/pytorch/image-classification/run_image_classification.py is not in the pip package; this
+# is its structure cut down (argument dataclasses + HfArgumentParser, its logging set-up, imagefolder data, torchvision
+# transforms, an `evaluate` accuracy), with hf_freeze's three-line change: import FreezeTrainer and
+# FreezeTrainingArguments, parse FreezeTrainingArguments, build a FreezeTrainer.
+UPSTREAM_SHAPED = """
+import logging, os, sys
+from dataclasses import dataclass
+
+import evaluate
+import numpy as np
+import torch
+import transformers
+from datasets import load_dataset
+from torchvision.transforms import CenterCrop, Compose, Normalize, RandomResizedCrop, Resize, ToTensor
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+
+from hf_freeze import FreezeTrainer, FreezeTrainingArguments  # hf_freeze: 1. the imports
+from hf_freeze.metrics import ACCURACY
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataTrainingArguments:
+    train_dir: str | None = None
+    validation_dir: str | None = None
+    image_column_name: str = "image"
+    label_column_name: str = "label"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = "google/vit-base-patch16-224-in21k"
+    ignore_mismatched_sizes: bool = False
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FreezeTrainingArguments))  # 2. the arguments
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+    files = {"train": os.path.join(data_args.train_dir, "**"), "validation": os.path.join(data_args.validation_dir, "**")}
+    dataset = load_dataset("imagefolder", data_files=files)
+    labels = dataset["train"].features[data_args.label_column_name].names
+    metric = evaluate.load(ACCURACY)  # upstream: evaluate.load("accuracy"), which needs the Hub
+
+    def compute_metrics(p):
+        return metric.compute(predictions=np.argmax(p.predictions, axis=1), references=p.label_ids)
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(labels),
+                                        label2id={l: str(i) for i, l in enumerate(labels)},
+                                        id2label={str(i): l for i, l in enumerate(labels)},
+                                        finetuning_task="image-classification")
+    model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config,
+                                                            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    size = image_processor.size
+    size = size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"])
+    normalize = Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
+    train_tf = Compose([RandomResizedCrop(size, scale=(0.85, 1.0)), ToTensor(), normalize])
+    val_tf = Compose([Resize(size), CenterCrop(size), ToTensor(), normalize])
+
+    def transforms(tf):
+        def apply(batch):
+            batch["pixel_values"] = [tf(im.convert("RGB")) for im in batch[data_args.image_column_name]]
+            return batch
+        return apply
+
+    def collate_fn(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e[data_args.label_column_name] for e in examples])}
+
+    dataset["train"].set_transform(transforms(train_tf))
+    dataset["validation"].set_transform(transforms(val_tf))
+    trainer = FreezeTrainer(model=model, args=training_args, train_dataset=dataset["train"],  # 3. the Trainer
+                            eval_dataset=dataset["validation"], compute_metrics=compute_metrics,
+                            processing_class=image_processor, data_collator=collate_fn)
+    if training_args.do_train:
+        train_result = trainer.train()
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def upstream_args(base: Path, folders, out: Path, *extra: str) -> list[str]:
+    train, validation = folders
+    return ["--model_name_or_path", str(base), "--train_dir", str(train), "--validation_dir", str(validation),
+            "--output_dir", str(out), "--remove_unused_columns", "False", "--do_train", "--do_eval",
+            "--learning_rate", "1e-2", "--num_train_epochs", str(EPOCHS), "--per_device_train_batch_size", str(BATCH),
+            "--eval_strategy", "epoch", "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--use_cpu",
+            "--disable_tqdm", "true", "--dataloader_num_workers", "0", *extra]
+
+
+@pytest.mark.slow
+def test_upstream_shaped_script_logs_the_policy_and_refuses_bad_groups_early(tmp_path, base, folders, cache):
+    script = tmp_path / "run_image_classification.py"
+    script.write_text(UPSTREAM_SHAPED)
+    data_cache = tmp_path / "datasets_cache"
+    run_env = {**env(cache), "HF_DATASETS_CACHE": str(data_cache)}
+
+    def run(out, *extra):
+        return subprocess.run([sys.executable, str(script), *upstream_args(base, folders, out, *extra)],
+                              capture_output=True, text=True, timeout=900, env=run_env, cwd=tmp_path)
+
+    # a typo of a keyword: refused while parsing, before the dataset is read or a folder is made
+    proc = run(tmp_path / "typo", "--freeze", "backbon")
+    assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1] == (
+        "hf_freeze.errors.FreezePolicyError: freeze selector 'backbon' is neither a keyword (backbone, none) nor a "
+        "group name (did you mean 'backbone'?)")
+    assert not (tmp_path / "typo").exists() and not data_cache.exists()
+    # a group this model lacks: FreezeTrainer.__init__ raises before the Trainer creates --output_dir
+    proc = run(tmp_path / "missing", "--freeze", "stem,stage.9")
+    assert proc.returncode == 1 and "FreezePolicyError: freeze selector 'stage.9' matches no group" in proc.stderr
+    assert "_check_before_init" in proc.stderr and "on_init_end" not in proc.stderr and "call_event" not in proc.stderr
+    assert not (tmp_path / "missing").exists()
+    # default flags (no --log_level): the freeze report and the unfreeze event are logged on the main process
+    proc = run(tmp_path / "ok", "--freeze", "backbone", "--unfreeze", POLICY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_freeze_logs(proc.stdout + proc.stderr)
+    assert "eval_accuracy" in json.loads((tmp_path / "ok" / "eval_results.json").read_text())
+
+
+#: the flags of transformers' run_image_classification.py besides TrainingArguments' (its ModelArguments and
+#: DataTrainingArguments), with values that parse offline
+UPSTREAM_FLAGS = {
+    "model": ["--model_type", "resnet", "--config_name", "{base}", "--cache_dir", "{tmp}/cache", "--model_revision",
+              "main", "--image_processor_name", "{base}", "--token", "hf_dummy", "--trust_remote_code", "False",
+              "--ignore_mismatched_sizes", "True"],
+    "data": ["--train_val_split", "0.2", "--max_train_samples", "8", "--max_eval_samples", "4",
+             "--image_column_name", "image", "--label_column_name", "label"],
+}
+
+
+def test_accepts_every_flag_of_run_image_classification(tmp_path, base, folders):
+    train, validation = folders
+    common = [a.format(base=base, tmp=tmp_path) for a in UPSTREAM_FLAGS["model"] + UPSTREAM_FLAGS["data"]]
+    training = ["--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--remove_unused_columns", "False",
+                "--eval_strategy", "epoch", "--use_cpu", "--report_to", "none"]
+    local = ["--model_name_or_path", str(base), "--train_dir", str(train), "--validation_dir", str(validation)]
+    model_args, data_args, training_args = example.parse_args([*local, *common, *training])
+    assert (model_args.model_type, model_args.config_name, data_args.max_eval_samples) == ("resnet", str(base), 4)
+    assert training_args.do_train and training_args.do_eval and not training_args.remove_unused_columns
+    hub = ["--model_name_or_path", "google/vit-base-patch16-224-in21k", "--dataset_name", "beans",
+           "--dataset_config_name", "default"]
+    model_args, data_args, _ = example.parse_args([*hub, *common, *training])  # parsing loads nothing
+    assert (data_args.dataset_name, data_args.dataset_config_name) == ("beans", "default")
+    # --do_eval alone evaluates without training, as upstream; no do_* flag at all: train and evaluate
+    _, _, only_eval = example.parse_args([*local, "--output_dir", str(tmp_path / "o"), "--do_eval"])
+    assert only_eval.do_eval and not only_eval.do_train
+    _, _, default = example.parse_args([*local, "--output_dir", str(tmp_path / "o")])
+    assert default.do_train and default.do_eval
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
