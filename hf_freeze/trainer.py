@@ -16,7 +16,6 @@ from .adapters import add_adapter
 from .apply import get_state
 from .callback import CONFIG_KEY, FreezeCallback
 from .delta import DELTA_MANIFEST, DELTA_WEIGHTS, FULL_WEIGHTS, apply_delta, is_delta, remove_weights, save_delta
-from .errors import FreezePolicyError
 from .groups import peft_wrappers, unwrap_model
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
@@ -26,7 +25,7 @@ from .policy import FreezePolicy
 logger = logging.getLogger(__name__)
 
 
-class FreezeTrainerMixin:
+class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
     """Mix into any ``Trainer`` subclass: ``class MyTrainer(FreezeTrainerMixin, Trainer)``.
 
     ``freeze_policy``: a FreezePolicy, dict or policy string; default: the one carried by
@@ -39,6 +38,7 @@ class FreezeTrainerMixin:
                  **kwargs):
         training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
+        cache_mode = fc.resolve_mode(feature_cache, training_args)
         policy = _pick_policy(freeze_policy, training_args, model)
         if model is not None and policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, policy)
@@ -55,11 +55,7 @@ class FreezeTrainerMixin:
         handler.insert(0, self.freeze_callback)
         # image classifiers return a mean loss; don't let the Trainer rescale it by the world size
         self.model_accepts_loss_kwargs = False
-        self.feature_cache_mode = feature_cache or getattr(self.args, "feature_cache", "auto") or "auto"
-        if self.feature_cache_mode not in fc.MODES:
-            raise FreezePolicyError(f"feature_cache={self.feature_cache_mode!r}; valid: {', '.join(fc.MODES)}")
-        self.feature_cache: fc.FeatureCache | None = None
-        self.feature_cache_refusal: str | None = None
+        self._init_feature_cache(cache_mode)
 
     @property
     def freeze_policy(self) -> FreezePolicy:
@@ -78,62 +74,6 @@ class FreezeTrainerMixin:
             groups = freeze_param_groups(opt_model, state, kwargs.pop("lr", self.args.learning_rate), self.args.weight_decay)
             self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
         return super().create_optimizer(model)
-
-    # ------------------------------------------------------------------ linear-probe feature cache
-    def _real_batch(self, indices) -> dict:
-        """Collate the real training examples ``indices`` exactly as the Trainer's dataloader would."""
-        import datasets
-
-        if isinstance(self.train_dataset, datasets.Dataset):
-            if getattr(self, "_cache_source", None) is None:
-                self._cache_source = self._remove_unused_columns(self.train_dataset, description="training")
-            dataset, collator = self._cache_source, self.data_collator
-        else:
-            dataset, collator = self.train_dataset, self._get_collator_with_removed_columns(self.data_collator)
-        return collator([dataset[int(i)] for i in indices])
-
-    def get_train_dataloader(self):
-        mode = self.feature_cache_mode
-        self.feature_cache = None
-        if mode == "off":
-            return super().get_train_dataloader()
-        self.feature_cache_refusal = fc.refusal(self.model, self.train_dataset, self.args)
-        if self.feature_cache_refusal:
-            if mode != "auto":
-                raise FreezePolicyError(f"feature_cache={mode!r} would change results or cannot work: "
-                                        f"{self.feature_cache_refusal}. Use feature_cache='off' (or 'auto').")
-            logger.info("hf_freeze: no feature cache: %s", self.feature_cache_refusal)
-            return super().get_train_dataloader()
-        n = len(self.train_dataset)
-        self.feature_cache = fc.FeatureCache.build(
-            self.model, self._real_batch, n, self.args.per_device_eval_batch_size,
-            mode="disk" if mode == "disk" else "memory", cache_dir=getattr(self.args, "feature_cache_dir", None),
-            progress=not self.args.disable_tqdm and self.args.should_log)
-        logger.info("hf_freeze: training the head on cached backbone features (%s, %s)", self.feature_cache.key,
-                    "reused" if self.feature_cache.reused else "computed")
-        collator, self.data_collator = self.data_collator, fc.collate_indices
-        try:
-            return self._get_dataloader(dataset=fc.IndexDataset(n), description="Training",
-                                        batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
-                                        is_training=True)
-        finally:
-            self.data_collator = collator
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if fc.INDEX_KEY not in self._signature_columns:
-            self._signature_columns.append(fc.INDEX_KEY)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if fc.INDEX_KEY in inputs:
-            indices = inputs[fc.INDEX_KEY]
-            state = get_state(model)
-            if self.feature_cache is not None and not state.trainable_below_head():
-                outputs = self.feature_cache.forward(model, indices)
-                return (outputs.loss, outputs) if return_outputs else outputs.loss
-            self.feature_cache = None  # a group was unfrozen: back to the real examples for good
-            inputs = self._prepare_inputs(self._real_batch(indices.tolist()))
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
