@@ -1,10 +1,16 @@
 """Feature cache and freeze-policy search on the real MobileNetV2 few-shot task (Fashion-MNIST).
 
 Part 1, side by side: head-only training with the feature cache off and on (memory). Per-epoch wall
-time (epoch 1 of the cached run includes computing the cache), validation accuracy of both.
-Target: cached epochs 2..N cost <= 5% of epoch 1, accuracy equal within noise.
+time (epoch 1 of the cached run includes computing the cache), validation accuracy of both, and the
+largest difference between the two runs' weights (expected: 0, bit-identical).
+Target: cached epochs 2..N cost <= 5% of epoch 1.
 
-Part 2: ``search_freeze_policies`` over freeze depth x schedule x LR scale; the best policy vs the
+Part 2, the disk cache: a run that computes it, then a run in a "new process" (memory cache cleared)
+that reuses it: build time of each (the reuse reads every example once more to digest the data, then
+loads the file and checks its checksums), and the load + checksum alone. Target: reusing is faster than
+recomputing.
+
+Part 3: ``search_freeze_policies`` over freeze depth x schedule x LR scale; the best policy vs the
 default ("backbone").
 
 Usage: python benchmarks/feature_cache.py [--shots 10] [--epochs 5] [--size 128] [--trials 6] [--json out.json]
@@ -76,6 +82,30 @@ def targs(out, epochs, **kw):
         use_cpu=not torch.cuda.is_available(), seed=0, disable_tqdm=True, **kw)
 
 
+def disk_cache(path, train, tmp) -> dict:
+    """Compute the disk cache in one run, reuse it in a second run whose memory cache was cleared."""
+    fc = hf_freeze.feature_cache
+    folder = tmp / "disk-cache"
+    infos = []
+    for _ in range(2):
+        fc._MEMORY.clear()  # the second run is like a new process: only the file remains
+        set_seed(0)
+        trainer = hf_freeze.FreezeTrainer(model=model_init_for(path)(), args=targs(tmp / "disk", 1, feature_cache_dir=str(folder)),
+                                          train_dataset=train, freeze_policy="backbone", feature_cache="disk")
+        trainer.train()
+        infos.append(trainer.feature_cache_info)
+    computed, reused = infos
+    assert computed["source"] == "computed" and reused["source"] == "disk", infos
+    file = folder / f"{reused['key']}.safetensors"
+    start = time.perf_counter()
+    cache = fc.load(file, reused["key"], "cpu")
+    load_s = time.perf_counter() - start
+    field = next(iter(cache.fields.values()))
+    return {"computed_s": computed["seconds"], "reused_s": reused["seconds"], "load_s": load_s,
+            "file_mb": file.stat().st_size / 2**20, "rows": len(cache.labels), "dtype": str(field.dtype),
+            "row_bytes": field[0].numel() * field.element_size()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shots", type=int, default=10)
@@ -96,6 +126,7 @@ def main(argv=None):
     train, val = datasets_for(root / "data" / "fashion-mnist", a.shots, a.val, 0, processor, a.size)
     tmp = Path(tempfile.mkdtemp())
     results = {}
+    weights = {}
     for mode in ("off", "memory"):
         hf_freeze.feature_cache._MEMORY.clear()
         set_seed(0)  # the new head's random init must be the same in both runs
@@ -105,15 +136,28 @@ def main(argv=None):
                                           freeze_policy="backbone", feature_cache=mode, callbacks=[clock])
         clock.start = time.perf_counter()
         trainer.train()
-        results[mode] = {"epoch_s": clock.epochs(), "accuracy": trainer.evaluate()["eval_accuracy"]}
+        results[mode] = {"epoch_s": clock.epochs(), "accuracy": trainer.evaluate()["eval_accuracy"],
+                         "cache": trainer.feature_cache_info}
+        weights[mode] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     off, on = results["off"], results["memory"]
+    results["max_abs_weight_difference"] = max((weights["off"][k].float() - weights["memory"][k].float()).abs().max().item()
+                                               for k in weights["off"])
     later = float(np.mean(on["epoch_s"][1:]))
     print(f"MobileNetV2 head-only, Fashion-MNIST {a.shots}/class ({10 * a.shots} images), {a.size} px, {a.epochs} epochs")
     print(f"  uncached: epochs {', '.join(f'{t:.2f}' for t in off['epoch_s'])} s   val accuracy {off['accuracy']:.3f}")
     print(f"  cached:   epochs {', '.join(f'{t:.2f}' for t in on['epoch_s'])} s   val accuracy {on['accuracy']:.3f}")
     print(f"  cached epochs 2..N / cached epoch 1 (incl. caching): {later / on['epoch_s'][0]:.3%}  (target <= 5%)")
     print(f"  cached epochs 2..N / uncached epoch: {later / np.mean(off['epoch_s']):.3%}")
+    print(f"  largest |weight difference| cached vs uncached: {results['max_abs_weight_difference']:g}")
     results["ratio_later_to_first"] = later / on["epoch_s"][0]
+
+    results["disk"] = disk = disk_cache(path, train, tmp)
+    print(f"disk cache ({disk['file_mb']:.2f} MB, {disk['rows']} rows x {disk['row_bytes']} bytes, {disk['dtype']}):")
+    print(f"  computed in {disk['computed_s']:.2f} s (one pass: image processor + backbone forward)")
+    print(f"  reused in {disk['reused_s']:.2f} s (digest pass over the examples {disk['reused_s'] - disk['load_s']:.2f} s"
+          f" + load and checksum {disk['load_s']:.3f} s)")
+    print(f"  reusing / recomputing: {disk['reused_s'] / disk['computed_s']:.1%}; load alone / recomputing: "
+          f"{disk['load_s'] / disk['computed_s']:.1%}")
 
     if a.trials:
         trainer = hf_freeze.FreezeTrainer(model_init=model_init_for(path), args=targs(tmp / "search", a.search_epochs,

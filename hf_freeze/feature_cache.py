@@ -284,7 +284,8 @@ def capturing(backbone: nn.Module, *, stop: bool = False, check: bool = False):
             before["buffers"] = {n: b.detach().clone() for n, b in module.named_buffers()}
 
     def post(module, args, kwargs, out):
-        record.outputs.append(out)
+        # a copy if the forward goes on: the head may modify the output in place (MobileNet's inplace dropout)
+        record.outputs.append(out if stop else _copied(out))
         record.autocast = autocast_of(next(module.parameters()).device)
         if check:
             record.rng_moved |= not _same_rng(before["rng"], _rng_state())
@@ -302,6 +303,16 @@ def capturing(backbone: nn.Module, *, stop: bool = False, check: bool = False):
     finally:
         for h in handles:
             h.remove()
+
+
+def _copied(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, dict):
+        return type(out)(**{k: _copied(v) for k, v in out.items()})
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copied(v) for v in out)
+    return out
 
 
 def backbone_output(model: nn.Module, backbone: nn.Module, batch: dict) -> _Capture:
@@ -351,15 +362,16 @@ class ProbeResult:
     autocast: str = "none"  # the autocast dtype the backbone runs under
 
 
-def probe(model: nn.Module, loss_fn: Callable, sample: dict, other: dict | None, half: int) -> ProbeResult:
-    """Run the real training forward on ``sample`` and decide whether cached features give the same step.
+def probe(model: nn.Module, loss_fn: Callable, fetch: Callable[[list[int]], dict], n: int, size: int) -> ProbeResult:
+    """Run the real training forward on sample batches and decide whether cached features give the same step.
 
     ``loss_fn(inputs) -> (loss, outputs)``: the Trainer's compute_loss under its context managers, model in
-    training mode, no grad. ``other``: a batch of the same size whose first ``half`` rows are ``sample``'s and
-    the rest other examples.
+    training mode, no grad. ``fetch(rows)``: the collated, prepared batch of those examples; ``n`` examples,
+    batches of ``size``.
     """
     inner = unwrap_model(model)
     name, backbone = backbone_module(inner)
+    sample = fetch(list(range(size)))
     extra = sorted(set(sample) - BATCH_KEYS)
     if extra:
         return ProbeResult(f"training batches carry inputs besides pixel_values and labels ({extra})")
@@ -386,33 +398,65 @@ def probe(model: nn.Module, loss_fn: Callable, sample: dict, other: dict | None,
             return ProbeResult(f"{name} gives different outputs for the same batch ({differ[:3]}): not deterministic")
         if not hasattr(out, "items"):
             return ProbeResult(f"{name} does not return a ModelOutput (got {type(out).__name__})")
-        batch = len(sample["labels"])
-        ragged = [k for k, v in every.items() if not v.dim() or v.shape[0] != batch]
+        ragged = [k for k, v in every.items() if not v.dim() or v.shape[0] != size]
         if ragged:
             return ProbeResult(f"{name}'s output {ragged[:3]} is not one row per example")
-        if other is not None:
+
+        def features(rows):
             restore()
             with capturing(backbone, stop=True) as record:
-                loss_fn(dict(other))
-            mixed = output_tensors(record.outputs[0])
-            differ = [k for k in every if not identical(every[k][:half], mixed[k][:half])]
-            if differ:
-                return ProbeResult(f"{name}'s features of an example depend on the other examples in its batch "
-                                   f"({differ[:3]}), e.g. BatchNorm without running statistics")
+                loss_fn(fetch(rows))
+            return output_tensors(record.outputs[0])
+
+        differ = batch_dependence(features, every, n, size)
+        if differ:
+            return ProbeResult(f"{name}'s features of an example change with its position in the batch or with "
+                               f"the other examples in it ({differ[:3]}): batch statistics (BatchNorm without "
+                               "running statistics), or kernels that round the batch's last rows differently")
         top = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         candidates = [["pooler_output"]] if "pooler_output" in top and len(top) > 1 else []
         candidates.append(sorted(top))
-        idx = torch.arange(batch, device=sample["labels"].device)
+        idx = torch.arange(size, device=sample["labels"].device)
         for fields in candidates:  # served exactly as in training: rows gathered from stored tensors
             restore()
             _set_rng(rng0)
             served = type(out)(**{k: top[k].detach().clone()[idx] for k in fields})
-            with backbone_replaced(backbone, served):
-                c_loss, c_outputs = loss_fn(placeholder_inputs(sample["labels"]))
+            try:
+                with backbone_replaced(backbone, served):
+                    c_loss, c_outputs = loss_fn(placeholder_inputs(sample["labels"]))
+            except Exception:  # the head needs more than these fields
+                continue
             if identical(loss, c_loss) and not _differing(_logits(outputs), _logits(c_outputs)):
                 return ProbeResult(None, fields, type(out), first.autocast)
         return ProbeResult("the head's loss computed from cached features differs from the real step's "
                            "(it reads something besides the backbone's tensor outputs)")
+
+
+def batch_dependence(features: Callable[[list[int]], dict], first: dict, n: int, size: int, last: int = 16) -> list[str]:
+    """Output fields whose rows change when examples move within a batch or get other batch mates.
+
+    ``features(rows)``: backbone outputs of a batch of those examples; ``first``: those of rows ``0..size-1``.
+    Batches: the first half of the sample after copies of itself (other batch mates), then rotations that
+    put ``last`` examples (two sample batches' worth) at the last position, where vectorised kernels may
+    round a tensor's tail elements differently.
+    """
+    if size < 2:
+        return []
+    half = size - size // 2
+    groups = [(list(range(size)), first)]
+    if n > size and last > min(size, 8):
+        second = [(size + j) % n for j in range(size)]
+        groups.append((second, features(second)))
+    shuffles = [(groups[0], [*reversed(range(size - half)), *range(half)])]
+    for group in groups:
+        shuffles += [(group, [*range(r, size), *range(r)]) for r in range(1, min(size, 9))]
+    for (ids, ref), positions in shuffles:
+        got = features([ids[p] for p in positions])
+        rows = torch.tensor(positions, device=next(iter(ref.values())).device)
+        differ = [k for k in ref if not identical(ref[k][rows], got[k])]
+        if differ:
+            return differ
+    return []
 
 
 def _logits(outputs) -> dict[str, torch.Tensor]:
@@ -715,8 +759,6 @@ class FeatureCacheTrainerMixin:
         n, size = len(self.train_dataset), self._train_batch_size
         b = min(size, n)
         raw = self._real_batch(range(b))
-        half = b - b // 2
-        other = self._real_batch([*range(half), *reversed(range(b - half))]) if b > 1 else None
 
         def loss_fn(inputs):
             with self._forward_context():
@@ -724,8 +766,7 @@ class FeatureCacheTrainerMixin:
 
         try:
             with _training_mode(self.model), torch.no_grad():
-                found = probe(self.model, loss_fn, self._prepare_inputs(raw),
-                              self._prepare_inputs(other) if other is not None else None, half)
+                found = probe(self.model, loss_fn, lambda rows: self._prepare_inputs(self._real_batch(rows)), n, b)
         except Exception as e:  # the real step fails the same way: let the Trainer report it
             return f"the probe's training forward failed ({type(e).__name__}: {e})", None
         if found.refusal:

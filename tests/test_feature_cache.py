@@ -126,7 +126,7 @@ PROBED = {  # the probe runs the real training forward and sees these
     "torchvision_stochastic_depth": (stochastic_depth, "draws random numbers"),
     "timm_drop_path": (timm_drop_path, "draws random numbers"),
     "batchnorm_without_running_stats": (lambda: resnet_with(nn.BatchNorm2d(16, affine=False, track_running_stats=False)),
-                                        "depend on the other examples"),
+                                        "other examples in it"),
 }
 STATIC = {  # policy, arguments, dataset, Trainer
     "train_bn": (dict(policy="freeze=backbone;train_bn=true"), "train_bn=True"),
