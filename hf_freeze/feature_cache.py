@@ -12,7 +12,8 @@ if it shows that caching cannot change anything:
 
 * the backbone gives bit-identical outputs when run twice, consumes no random numbers (any dropout,
   attention dropout, drop-path or stochastic depth does) and leaves its buffers untouched;
-* each example's features do not depend on the other examples of its batch;
+* each example's features do not depend on its position in the batch or on its batch mates (rearranged
+  sample batches put 16 examples last, where vectorised kernels may round a tensor's tail differently);
 * the loss and logits computed from the cached features equal those of the real step, bit for bit;
 * plus what a probe cannot see: the policy trains nothing below the head (no adapter, no ``train_bn``),
   the dataset returns the same inputs for the same example, data loading runs in the main process, and
@@ -62,6 +63,10 @@ INDEX_KEY = "_hf_freeze_index"
 MODES = ("auto", "off", "memory", "disk")
 FORMAT = "hf_freeze-features/2"
 BATCH_KEYS = {"pixel_values", "labels"}
+#: CPU kernels vectorise elementwise ops (SLEEF exp/sigmoid/...) and finish a tensor's last elements with scalar
+#: code that can round differently: when a layer's output size per example is not a multiple of this, the
+#: batch's last example is checked at many more positions
+TAIL_MULTIPLE = 32
 #: config entries that only the head (or bookkeeping) reads: a change of labels keeps the cached features
 HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "_name_or_path",
                     "transformers_version", "architectures", "finetuning_task"}
@@ -265,6 +270,7 @@ class _Stop(Exception):
 class _Capture:
     outputs: list = field(default_factory=list)
     autocast: str = "none"  # the autocast dtype in force when the backbone ran
+    ragged_tail: bool = False  # some layer output's size per example is not a multiple of TAIL_MULTIPLE
     rng_moved: bool = False
     buffers_changed: list[str] = field(default_factory=list)
 
@@ -294,8 +300,15 @@ def capturing(backbone: nn.Module, *, stop: bool = False, check: bool = False):
         if stop:
             raise _Stop
 
+    def sizes(module, args, out):
+        for t in output_tensors(out).values():
+            rows = t.shape[0] if t.dim() else 0
+            record.ragged_tail |= bool(rows) and (t.numel() // rows) % TAIL_MULTIPLE != 0
+
     handles = [backbone.register_forward_pre_hook(pre, with_kwargs=True),
                backbone.register_forward_hook(post, with_kwargs=True)]
+    if check:
+        handles += [m.register_forward_hook(sizes) for m in backbone.modules() if m is not backbone]
     try:
         yield record
     except _Stop:
@@ -408,7 +421,7 @@ def probe(model: nn.Module, loss_fn: Callable, fetch: Callable[[list[int]], dict
                 loss_fn(fetch(rows))
             return output_tensors(record.outputs[0])
 
-        differ = batch_dependence(features, every, n, size)
+        differ = batch_dependence(features, every, n, size, last=16 if first.ragged_tail else 4)
         if differ:
             return ProbeResult(f"{name}'s features of an example change with its position in the batch or with "
                                f"the other examples in it ({differ[:3]}): batch statistics (BatchNorm without "
@@ -436,21 +449,22 @@ def batch_dependence(features: Callable[[list[int]], dict], first: dict, n: int,
     """Output fields whose rows change when examples move within a batch or get other batch mates.
 
     ``features(rows)``: backbone outputs of a batch of those examples; ``first``: those of rows ``0..size-1``.
-    Batches: the first half of the sample after copies of itself (other batch mates), then rotations that
-    put ``last`` examples (two sample batches' worth) at the last position, where vectorised kernels may
-    round a tensor's tail elements differently.
+    Batches: the first half of the sample after copies of itself (other batch mates), then rotations of the
+    sample (and of a second sample when ``last`` > 8): about ``last`` examples come last, where vectorised
+    kernels may round a tensor's tail elements differently.
     """
     if size < 2:
         return []
     half = size - size // 2
+    shuffles = [(list(range(size)), first, [*reversed(range(size - half)), *range(half)])]
     groups = [(list(range(size)), first)]
-    if n > size and last > min(size, 8):
+    if n > size and last > 8:
         second = [(size + j) % n for j in range(size)]
         groups.append((second, features(second)))
-    shuffles = [(groups[0], [*reversed(range(size - half)), *range(half)])]
-    for group in groups:
-        shuffles += [(group, [*range(r, size), *range(r)]) for r in range(1, min(size, 9))]
-    for (ids, ref), positions in shuffles:
+    per_group = min(size - 1, max(1, (last - 2) // len(groups)))
+    for ids, ref in groups:
+        shuffles += [(ids, ref, [*range(r, size), *range(r)]) for r in range(1, per_group + 1)]
+    for ids, ref, positions in shuffles:
         got = features([ids[p] for p in positions])
         rows = torch.tensor(positions, device=next(iter(ref.values())).device)
         differ = [k for k in ref if not identical(ref[k][rows], got[k])]
