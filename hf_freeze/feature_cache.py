@@ -70,7 +70,8 @@ TAIL_MULTIPLE = 32
 #: config entries that only the head (or bookkeeping) reads: a change of labels keeps the cached features
 HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "_name_or_path",
                     "transformers_version", "architectures", "finetuning_task"}
-_MEMORY: dict[str, FeatureCache] = {}
+_MEMORY: dict[str, FeatureCache] = {}  # the in-process cache, most recently stored last
+MEMORY_ENTRIES = 4  # older entries are dropped (each holds a dataset's features, maybe on the GPU)
 
 
 class DataChanged(RuntimeError):
@@ -533,7 +534,7 @@ class FeatureCache:
             if mode == "disk":
                 loaded = load(folder / f"{key}.safetensors", key, device)
                 if loaded is not None:
-                    _MEMORY[key] = loaded
+                    _remember(loaded)
                     return loaded.since(start, "disk")
         digest, fields, labels = _data_pass(**passes, compute=True)
         if data is not None and digest != data:
@@ -542,7 +543,7 @@ class FeatureCache:
         cache = cls(plan.backbone, plan.output_cls, fields, labels, key)
         if mode == "disk":
             save(cache, folder / f"{key}.safetensors")
-        _MEMORY[key] = cache
+        _remember(cache)
         return cache.since(start, "computed")
 
     def since(self, start: float, source: str) -> FeatureCache:
@@ -562,6 +563,13 @@ class FeatureCache:
         out = self.output_cls(**{k: v[idx] for k, v in self.fields.items()})
         with backbone_replaced(getattr(unwrap_model(model), self.backbone), out):
             yield placeholder_inputs(self.labels[idx])
+
+
+def _remember(cache: FeatureCache) -> None:
+    _MEMORY.pop(cache.key, None)
+    _MEMORY[cache.key] = cache
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        _MEMORY.pop(next(iter(_MEMORY)))
 
 
 def model_key(inner: nn.Module, plan: Plan, device: torch.device, size: int) -> str:
@@ -871,7 +879,7 @@ class FeatureCacheTrainerMixin:
                     cache.key, size, cache.source, cache.seconds)
         return cache
 
-    def _cache_for_size(self, plan: Plan, size: int) -> FeatureCache:
+    def _cache_for_size(self, plan: Plan, size: int) -> FeatureCache | None:
         """Batches of another size (the last of an epoch): the main cache if the backbone gives the same bits at
         this batch size, else features computed in batches of this size."""
         raw = self._real_batch(range(size))
@@ -884,8 +892,8 @@ class FeatureCacheTrainerMixin:
             return main
         logger.info("hf_freeze: the backbone rounds differently in batches of %d than of %d: caching those too",
                     size, plan.batch_size)
-        cache = self._build_feature_cache(size)
-        self.feature_cache_info["batch_sizes"][size] = cache.source
+        cache = self._build_feature_cache(size)  # None: the data changed, real examples from now on
+        self.feature_cache_info["batch_sizes"][size] = cache.source if cache else "none (the data changed)"
         return cache
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
