@@ -13,7 +13,8 @@ if it shows that caching cannot change anything:
 * the backbone gives bit-identical outputs when run twice, consumes no random numbers (any dropout,
   attention dropout, drop-path or stochastic depth does) and leaves its buffers untouched;
 * each example's features do not depend on its position in the batch or on its batch mates (rearranged
-  sample batches put 16 examples last, where vectorised kernels may round a tensor's tail differently);
+  sample batches put 4 examples last, where vectorised CPU kernels may round a tensor's tail differently;
+  16 when a layer's output per example is not a multiple of ``TAIL_MULTIPLE`` values);
 * the loss and logits computed from the cached features equal those of the real step, bit for bit;
 * plus what a probe cannot see: the policy trains nothing below the head (no adapter, no ``train_bn``),
   the dataset returns the same inputs for the same example, data loading runs in the main process, and
