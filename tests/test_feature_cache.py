@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import ROOT, StopAt, TinyImages, identical, snapshot, tiny_model, training_args
 from torch import nn
+from transformers import TrainerCallback
 
 import hf_freeze
 from hf_freeze import FreezePolicyError, FreezeTrainer
@@ -250,24 +251,31 @@ def test_a_modified_or_truncated_disk_cache_is_detected_and_rebuilt(tmp_path, ca
 
 
 class Interrupt(TinyImages):
-    """Raises KeyboardInterrupt on the ``after``-th read (a Ctrl-C while the cache is being built)."""
+    """Raises KeyboardInterrupt on the 5th read once training has started: a Ctrl-C while the cache is built."""
 
-    def __init__(self, after, **kw):
-        super().__init__(**kw)
-        self.reads, self.after = 0, after
+    armed, reads = False, 0
 
     def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.after:
+        self.reads += self.armed
+        if self.reads == 5:
             raise KeyboardInterrupt
         return super().__getitem__(i)
 
 
+class Arm(TrainerCallback):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.dataset.armed = True
+
+
 def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
     cache = tmp_path / "fc"
-    with pytest.raises(KeyboardInterrupt):  # probe: 12 + 8 + 8 reads; the build reads the rest
-        train(tmp_path, "disk", dataset=Interrupt(after=35, n=20), feature_cache_dir=str(cache))
-    assert not cache.exists() or list(cache.iterdir()) == []
+    data = Interrupt(n=20)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "disk", dataset=data, callbacks=[Arm(data)], feature_cache_dir=str(cache))
+    assert data.reads == 5 and (not cache.exists() or list(cache.iterdir()) == [])
 
     import safetensors.torch
 
