@@ -39,7 +39,7 @@ from .policy import FreezePolicy, Timing, resolve
 logger = get_logger(__name__)
 
 
-class FreezeTrainerMixin:
+class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
     """Mix into any ``Trainer`` subclass: ``class MyTrainer(FreezeTrainerMixin, Trainer)``.
 
     ``freeze_policy``: a FreezePolicy, dict or policy string; default: the one carried by
@@ -52,8 +52,9 @@ class FreezeTrainerMixin:
                  **kwargs):
         training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
+        cache_mode = fc.resolve_mode(feature_cache, training_args)
         policy = _pick_policy(freeze_policy, training_args, model)
-        _check_before_init(policy, model, feature_cache or getattr(training_args, "feature_cache", None))
+        _check_before_init(policy, model)
         check_model_data(model, policy, training_args)  # before the Trainer moves the model: meta tensors
         if model is not None and policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, policy)
@@ -77,11 +78,7 @@ class FreezeTrainerMixin:
         handler.insert(0, self.freeze_callback)
         # image classifiers return a mean loss; don't let the Trainer rescale it by the world size
         self.model_accepts_loss_kwargs = False
-        self.feature_cache_mode = feature_cache or getattr(self.args, "feature_cache", "auto") or "auto"
-        if self.feature_cache_mode not in fc.MODES:
-            raise FreezePolicyError(f"feature_cache={self.feature_cache_mode!r}; valid: {', '.join(fc.MODES)}")
-        self.feature_cache: fc.FeatureCache | None = None
-        self.feature_cache_refusal: str | None = None
+        self._init_feature_cache(cache_mode)
 
     @property
     def freeze_policy(self) -> FreezePolicy:
@@ -118,62 +115,6 @@ class FreezeTrainerMixin:
         self.freeze_callback.set_timing(self.model, Timing(steps_per_epoch, batches_per_epoch,
                                                            max(args.gradient_accumulation_steps, 1)))
         return values
-
-    # ------------------------------------------------------------------ linear-probe feature cache
-    def _real_batch(self, indices) -> dict:
-        """Collate the real training examples ``indices`` exactly as the Trainer's dataloader would."""
-        import datasets
-
-        if isinstance(self.train_dataset, datasets.Dataset):
-            if getattr(self, "_cache_source", None) is None:
-                self._cache_source = self._remove_unused_columns(self.train_dataset, description="training")
-            dataset, collator = self._cache_source, self.data_collator
-        else:
-            dataset, collator = self.train_dataset, self._get_collator_with_removed_columns(self.data_collator)
-        return collator([dataset[int(i)] for i in indices])
-
-    def get_train_dataloader(self):
-        mode = self.feature_cache_mode
-        self.feature_cache = None
-        if mode == "off":
-            return super().get_train_dataloader()
-        self.feature_cache_refusal = fc.refusal(self.model, self.train_dataset, self.args)
-        if self.feature_cache_refusal:
-            if mode != "auto":
-                raise FreezePolicyError(f"feature_cache={mode!r} would change results or cannot work: "
-                                        f"{self.feature_cache_refusal}. Use feature_cache='off' (or 'auto').")
-            logger.info("hf_freeze: no feature cache: %s", self.feature_cache_refusal)
-            return super().get_train_dataloader()
-        n = len(self.train_dataset)
-        self.feature_cache = fc.FeatureCache.build(
-            self.model, self._real_batch, n, self.args.per_device_eval_batch_size,
-            mode="disk" if mode == "disk" else "memory", cache_dir=getattr(self.args, "feature_cache_dir", None),
-            progress=not self.args.disable_tqdm and self.args.should_log)
-        logger.info("hf_freeze: training the head on cached backbone features (%s, %s)", self.feature_cache.key,
-                    "reused" if self.feature_cache.reused else "computed")
-        collator, self.data_collator = self.data_collator, fc.collate_indices
-        try:
-            return self._get_dataloader(dataset=fc.IndexDataset(n), description="Training",
-                                        batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
-                                        is_training=True)
-        finally:
-            self.data_collator = collator
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if fc.INDEX_KEY not in self._signature_columns:
-            self._signature_columns.append(fc.INDEX_KEY)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if fc.INDEX_KEY in inputs:
-            indices = inputs[fc.INDEX_KEY]
-            state = get_state(model)
-            if self.feature_cache is not None and not state.trainable_below_head():
-                outputs = self.feature_cache.forward(model, indices)
-                return (outputs.loss, outputs) if return_outputs else outputs.loss
-            self.feature_cache = None  # a group was unfrozen: back to the real examples for good
-            inputs = self._prepare_inputs(self._real_batch(indices.tolist()))
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -309,13 +250,9 @@ def _has_full_weights(folder) -> bool:
     return any((Path(folder) / name).is_file() for name in FULL_WEIGHTS)
 
 
-def _check_before_init(policy: FreezePolicy, model, feature_cache: str | None) -> None:
+def _check_before_init(policy: FreezePolicy, model) -> None:
     """What can be checked before the Trainer exists (and creates ``output_dir``): the policy against the model's
-    groups, and the feature-cache mode. FreezePolicyError, with "did you mean" where it helps."""
-    if feature_cache is not None and feature_cache not in fc.MODES:
-        from .checks import unknown_choice
-
-        raise FreezePolicyError(unknown_choice("feature_cache", feature_cache, fc.MODES))
+    groups (FreezePolicyError, with "did you mean" where it helps); the feature-cache mode is checked just before."""
     if model is not None:
         resolve(policy, layer_groups(model))
 

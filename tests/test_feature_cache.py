@@ -1,52 +1,111 @@
-"""Linear-probe feature cache: same training as without it, reused when valid, refused when unsafe."""
+"""Linear-probe feature cache: the same training as without it (bit for bit on CPU), refused where it cannot be."""
+
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import TinyImages, snapshot, tiny_model, training_args
+from helpers import ROOT, StopAt, TinyImages, identical, snapshot, tiny_model, training_args
+from torch import nn
+from transformers import TrainerCallback
 
 import hf_freeze
 from hf_freeze import FreezePolicyError, FreezeTrainer
 from hf_freeze import feature_cache as fc
 
+UNFREEZE = "freeze=backbone;unfreeze=epoch1:1"  # head only for epoch 0, then stage.1 trains too
 
-def train(tmp_path, mode, policy="backbone", dataset=None, model=None, **kw):
+
+@pytest.fixture(autouse=True)
+def fresh_memory():
+    fc._MEMORY.clear()  # each test starts like a new process
+    yield
+    fc._MEMORY.clear()
+
+
+def train(tmp_path, mode, model=None, policy="backbone", dataset=None, trainer_cls=FreezeTrainer, name=None,
+          resume=None, callbacks=None, **args):
+    """One FreezeTrainer run on 20 images (batches of 8, 8, 4), 2 epochs; returns the trainer and the weights."""
     model = model if model is not None else tiny_model("resnet", seed=2)
-    trainer = FreezeTrainer(model=model, args=training_args(tmp_path / mode, num_train_epochs=3, logging_steps=50, **kw),
-                            train_dataset=dataset or TinyImages(n=48), freeze_policy=policy, feature_cache=mode)
-    trainer.train()
-    return trainer, model
+    args = {"num_train_epochs": 2, "logging_steps": 50, **args}
+    trainer = trainer_cls(model=model, args=training_args(tmp_path / (name or mode), **args),
+                          train_dataset=dataset if dataset is not None else TinyImages(n=20),
+                          freeze_policy=policy, feature_cache=mode, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, snapshot(model)
 
 
-def max_diff(a, b):
-    return max(((a[n].float() - b[n].float()).abs().max().item() for n in a), default=0.0)
+def differing(a, b):
+    return [n for n in a if not identical(a[n], b[n])]
 
 
-@pytest.mark.parametrize("policy", ["backbone", "freeze=backbone;unfreeze=epoch2:1@0.5"])
-def test_cached_training_matches_uncached(tmp_path, policy):
-    fc._MEMORY.clear()
-    off, m_off = train(tmp_path, "off", policy)
-    on, m_on = train(tmp_path, "memory", policy)
-    assert off.feature_cache is None and on.feature_cache_refusal is None
-    # stated tolerance: 1e-6 absolute (CPU; observed: bit-identical)
-    assert max_diff(snapshot(m_off), snapshot(m_on)) <= 1e-6
-    if "unfreeze" in policy:
-        assert on.feature_cache is None  # the cache served until the unfreeze, then real batches took over
-        assert hf_freeze.freeze_report(m_on).row("stage.1").unfrozen_at == "epoch 2"
+def vit(**config):
+    from transformers import ViTForImageClassification
+
+    from hf_freeze.tiny import tiny_config
+
+    torch.manual_seed(2)
+    cfg = tiny_config("vit")
+    cfg.intermediate_size = 64  # widths that are multiples of 32: the probe's short position check applies
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    return ViTForImageClassification(cfg)
+
+
+# =========================================================================== same training
+
+@pytest.mark.parametrize("policy", ["backbone", UNFREEZE])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["resnet", "vit"])
+def test_cached_training_is_bit_identical_to_uncached(tmp_path, arch, precision, policy):
+    make = (lambda: tiny_model("resnet", seed=2)) if arch == "resnet" else vit
+    extra = {"bf16": True} if precision == "bf16" else {}
+    off, w_off = train(tmp_path, "off", make(), policy, **extra)
+    on, w_on = train(tmp_path, "memory", make(), policy, **extra)
+    # stated tolerance: none. Every parameter and buffer is bit-identical (CPU, fp32 and bf16 autocast)
+    assert differing(w_off, w_on) == []
+    info = on.feature_cache_info
+    assert on.feature_cache_refusal is None and info["source"] == "computed" and info["rows"] == 20
+    assert info["dtype"] == ("torch.bfloat16" if precision == "bf16" and arch == "resnet" else "torch.float32")
+    assert info["fields"] == (["pooler_output"] if arch == "resnet" else ["last_hidden_state"])
+    assert set(info["batch_sizes"]) == {8, 4}  # the epoch's last batch (4 images) is checked separately
+    if policy == UNFREEZE:  # served epoch 0 (3 steps), real examples from the unfreeze on
+        assert info["served_steps"] == 3 and info["stopped_at_step"] == 3 and on.feature_cache is None
+        assert [e["step"] for e in on.freeze_callback.events_log] == [3]
     else:
-        assert set(on.feature_cache.fields) == {"pooler_output"}  # the head reads only the pooled vector
+        assert info["served_steps"] == 6
 
 
-def test_cache_is_reused_and_invalidated_by_model_or_data(tmp_path):
-    fc._MEMORY.clear()
-    first, _ = train(tmp_path, "disk", feature_cache_dir=str(tmp_path / "fc"))
-    assert not first.feature_cache.reused and len(list((tmp_path / "fc").iterdir())) == 1
-    fc._MEMORY.clear()  # a new process: only the disk copy remains
-    again, _ = train(tmp_path, "disk", feature_cache_dir=str(tmp_path / "fc"))
-    assert again.feature_cache.reused and again.feature_cache.key == first.feature_cache.key
-    other_model, _ = train(tmp_path, "disk", model=tiny_model("resnet", seed=3), feature_cache_dir=str(tmp_path / "fc"))
-    other_data, _ = train(tmp_path, "disk", dataset=TinyImages(n=48, seed=9), feature_cache_dir=str(tmp_path / "fc"))
-    keys = {first.feature_cache.key, other_model.feature_cache.key, other_data.feature_cache.key}
-    assert len(keys) == 3 and not other_model.feature_cache.reused and not other_data.feature_cache.reused
+def test_model_loaded_in_bfloat16_trains_the_same_cached(tmp_path):
+    """A model loaded with torch_dtype=bfloat16 gets float32 pixel_values (item 11): the cache handles them as
+    the model's own forward does."""
+    off, w_off = train(tmp_path, "off", vit().to(torch.bfloat16))
+    on, w_on = train(tmp_path, "auto", vit().to(torch.bfloat16))
+    assert on.feature_cache_refusal is None and on.feature_cache_info["dtype"] == "torch.bfloat16"
+    assert differing(w_off, w_on) == []
+
+
+# =========================================================================== the probe and the other conditions
+
+def resnet_with(module_after_pool):
+    """A tiny ResNet with a parameter-free module after the stem's max-pool (inside the backbone)."""
+    model = tiny_model("resnet", seed=2)
+    model.resnet.embedder.pooler = nn.Sequential(model.resnet.embedder.pooler, module_after_pool)
+    return model
+
+
+def stochastic_depth():
+    from torchvision.ops import StochasticDepth
+
+    return resnet_with(StochasticDepth(0.2, "row"))
+
+
+def timm_drop_path():
+    from timm.layers import DropPath
+
+    return resnet_with(DropPath(0.2))
 
 
 class Augmented(TinyImages):
@@ -55,28 +114,211 @@ class Augmented(TinyImages):
         return {**item, "pixel_values": item["pixel_values"] + 0.01 * torch.randn_like(item["pixel_values"])}
 
 
-@pytest.mark.parametrize("setup,reason", [
-    (dict(dataset=Augmented(n=16)), "random augmentation"),
-    (dict(policy="freeze=backbone;train_bn=true"), "train_bn=True"),
-    (dict(policy="freeze=stem"), "below the head are trainable"),
-    (dict(model="vit_dropout"), "dropout"),
-    (dict(dataloader_num_workers=1), "dataloader_num_workers"),
-])
-def test_unsafe_cases_refuse_with_the_reason(tmp_path, setup, reason):
-    setup = dict(setup)
-    if setup.get("model") == "vit_dropout":
-        from transformers import ViTConfig, ViTForImageClassification
-
-        setup["model"] = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                             intermediate_size=37, image_size=32, patch_size=8,
-                                                             hidden_dropout_prob=0.1, num_labels=3))
-    setup.setdefault("dataset", TinyImages(n=16))
-    with pytest.raises(FreezePolicyError, match=reason):
-        train(tmp_path, "memory", **setup)
-    auto, _ = train(tmp_path, "auto", **setup)  # auto: falls back to normal training and says why
-    assert auto.feature_cache is None and reason.split()[0] in auto.feature_cache_refusal
+class OwnLoss(FreezeTrainer):
+    def compute_loss(self, model, inputs, **kw):
+        return super().compute_loss(model, inputs, **kw)
 
 
-def test_bad_mode_is_refused(tmp_path):
+PROBED = {  # the probe runs the real training forward and sees these
+    "vit_attention_dropout": (lambda: vit(attention_probs_dropout_prob=0.1), "draws random numbers"),
+    "vit_hidden_dropout": (lambda: vit(hidden_dropout_prob=0.1), "draws random numbers"),
+    "dropout2d": (lambda: resnet_with(nn.Dropout2d(0.1)), "draws random numbers"),
+    "dropout3d": (lambda: resnet_with(nn.Dropout3d(0.1)), "draws random numbers"),
+    "torchvision_stochastic_depth": (stochastic_depth, "draws random numbers"),
+    "timm_drop_path": (timm_drop_path, "draws random numbers"),
+    "batchnorm_without_running_stats": (lambda: resnet_with(nn.BatchNorm2d(16, affine=False, track_running_stats=False)),
+                                        "other examples in it"),
+}
+STATIC = {  # policy, arguments, dataset, Trainer
+    "train_bn": (dict(policy="freeze=backbone;train_bn=true"), "train_bn=True"),
+    "adapter": (dict(policy="freeze=backbone;adapter=lora,r=2"), "adapters"),
+    "trainable_group": (dict(policy="freeze=stem"), "below the head are trainable"),
+    "augmentation": (dict(dataset=Augmented(n=20)), "random augmentation"),
+    "workers": (dict(dataloader_num_workers=1), "dataloader_num_workers"),
+    "torch_compile": (dict(torch_compile=True), "torch.compile"),
+    "compute_loss_func": (dict(compute_loss_func=True), "compute_loss_func"),
+    "compute_loss_override": (dict(trainer_cls=OwnLoss), "overrides compute_loss"),
+}
+
+
+@pytest.mark.parametrize("case", [*PROBED, *STATIC])
+def test_unsafe_cases_are_refused_before_anything_changes(tmp_path, case):
+    if case in PROBED:
+        make, reason = PROBED[case]
+        setup = {"model": make()}
+    else:
+        setup, reason = STATIC[case]
+        setup = {**setup, "model": tiny_model("resnet", seed=2)}
+    model = setup["model"]
+    before = snapshot(model)
+    kwargs = dict(setup)
+    if kwargs.pop("compute_loss_func", None):
+        kwargs["trainer_cls"] = lambda **kw: FreezeTrainer(**kw, compute_loss_func=lambda out, labels, **_: out.loss)
+    with pytest.raises(FreezePolicyError, match=reason) as err:
+        train(tmp_path, "memory", **kwargs)
+    assert "feature_cache='off'" in str(err.value)
+    after = snapshot(model)  # refused before the first step (an adapter renames the wrapped layers' tensors)
+    assert differing({n: t for n, t in before.items() if n in after}, after) == []
+
+
+@pytest.mark.parametrize("case", ["vit_attention_dropout", "augmentation"])
+def test_auto_falls_back_to_exactly_the_uncached_run(tmp_path, case):
+    def setup():
+        if case in PROBED:
+            return {"model": PROBED[case][0]()}
+        return {**STATIC[case][0], "model": tiny_model("resnet", seed=2)}
+
+    torch.manual_seed(0)
+    off, w_off = train(tmp_path, "off", **setup())
+    torch.manual_seed(0)
+    auto, w_auto = train(tmp_path, "auto", **setup())
+    reason = (PROBED.get(case) or STATIC[case])[1]
+    assert auto.feature_cache is None and auto.feature_cache_info == {} and reason in auto.feature_cache_refusal
+    assert differing(w_off, w_auto) == []
+
+
+def test_dropout_with_p0_is_deterministic_and_cached(tmp_path):
+    """The rule is positive: a Dropout2d(p=0) draws nothing and changes nothing, so the cache serves."""
+    on, _ = train(tmp_path, "memory", resnet_with(nn.Dropout2d(0.0)))
+    assert on.feature_cache_refusal is None and on.feature_cache_info["served_steps"] == 6
+
+
+def test_bad_mode_is_refused_before_anything_changes(tmp_path):
+    model = tiny_model("resnet")
     with pytest.raises(FreezePolicyError, match="valid: auto, off, memory, disk"):
-        FreezeTrainer(model=tiny_model("resnet"), args=training_args(tmp_path), feature_cache="always")
+        FreezeTrainer(model=model, args=training_args(tmp_path), feature_cache="always")
+    assert hf_freeze.get_state(model) is None
+
+
+# =========================================================================== resume, disk
+
+def test_resumed_run_equals_the_uninterrupted_one_and_never_poisons_the_disk_cache(tmp_path):
+    """Checkpoints at step 2 (head-only phase) and step 4 (after the epoch-1 unfreeze), one disk cache for all runs."""
+    cache = tmp_path / "fc"
+    kw = dict(policy=UNFREEZE, save_strategy="steps", save_steps=2, feature_cache_dir=str(cache))
+    full, w_full = train(tmp_path, "disk", name="full", **kw)
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 1 and full.feature_cache_info["key"] in files[0].name
+    train(tmp_path, "disk", name="cut", callbacks=[StopAt(4)], **kw)
+    out = tmp_path / "cut" / "out"
+    for step, served in ((2, 1), (4, None)):
+        fc._MEMORY.clear()  # a new process
+        resumed, w_resumed = train(tmp_path, "disk", name="cut", resume=str(out / f"checkpoint-{step}"), **kw)
+        assert differing(w_full, w_resumed) == []
+        if served:  # head-only phase: the same features, read back from disk under the same key
+            assert resumed.feature_cache_info["source"] == "disk"
+            assert resumed.feature_cache_info["key"] == full.feature_cache_info["key"]
+            assert resumed.feature_cache_info["served_steps"] == served
+        else:  # the unfreeze is re-applied in on_train_begin: no cache is built for a phase that is over
+            assert resumed.feature_cache_info == {} and resumed.freeze_callback.events_log[0]["resumed"]
+        assert sorted(cache.glob("*")) == files
+
+
+def test_disk_cache_is_reused_in_bf16_and_invalidated_by_model_data_or_precision(tmp_path):
+    cache = tmp_path / "fc"
+    first, w_first = train(tmp_path, "disk", bf16=True, feature_cache_dir=str(cache))
+    fc._MEMORY.clear()
+    again, w_again = train(tmp_path, "disk", bf16=True, feature_cache_dir=str(cache))
+    assert first.feature_cache_info["source"] == "computed" and again.feature_cache_info["source"] == "disk"
+    assert again.feature_cache_info["dtype"] == "torch.bfloat16" and again.feature_cache_info["device"] == "cpu"
+    assert differing(w_first, w_again) == []
+    keys = {first.feature_cache_info["key"]}
+    for change in (dict(model=tiny_model("resnet", seed=3)), dict(dataset=TinyImages(n=20, seed=9)), dict()):
+        other, _ = train(tmp_path, "disk", feature_cache_dir=str(cache), **({"bf16": True} if change else {}), **change)
+        assert other.feature_cache_info["source"] == "computed"
+        keys.add(other.feature_cache_info["key"])
+    assert len(keys) == 4 and len(list(cache.glob("*.safetensors"))) == 4
+
+
+def test_a_modified_or_truncated_disk_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    cache = tmp_path / "fc"
+    clean, w_clean = train(tmp_path, "disk", feature_cache_dir=str(cache))
+    (path,) = cache.glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    data[-600:-400] = os.urandom(200)  # rows of the stored features/labels, same file size
+    path.write_bytes(bytes(data))
+    for damage, message in (("overwritten", "fail their checksum"), ("truncated", "cannot be read")):
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[: size // 2])
+        fc._MEMORY.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_freeze.feature_cache"):
+            again, w_again = train(tmp_path, "disk", feature_cache_dir=str(cache))
+        assert message in caplog.text and str(path) in caplog.text
+        assert again.feature_cache_info["source"] == "computed" and differing(w_clean, w_again) == []
+        assert path.stat().st_size == size and sorted(cache.iterdir()) == [path]  # rewritten whole
+        caplog.clear()
+
+
+class Interrupt(TinyImages):
+    """Raises KeyboardInterrupt on the 5th read once training has started: a Ctrl-C while the cache is built."""
+
+    armed, reads = False, 0
+
+    def __getitem__(self, i):
+        self.reads += self.armed
+        if self.reads == 5:
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+class Arm(TrainerCallback):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.dataset.armed = True
+
+
+def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    cache = tmp_path / "fc"
+    data = Interrupt(n=20)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "disk", dataset=data, callbacks=[Arm(data)], feature_cache_dir=str(cache))
+    assert data.reads == 5 and (not cache.exists() or list(cache.iterdir()) == [])
+
+    import safetensors.torch
+
+    def half_written(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        train(tmp_path, "disk", feature_cache_dir=str(cache))
+    assert list(cache.iterdir()) == []
+    monkeypatch.undo()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    stale = cache / f"resnet-x.safetensors.tmp.{socket.gethostname()}.{int(dead.stdout)}"
+    alive = cache / f"resnet-y.safetensors.tmp.{socket.gethostname()}.{os.getpid()}"
+    stale.write_bytes(b"left by a killed build")
+    alive.write_bytes(b"a build in progress")
+    train(tmp_path, "disk", feature_cache_dir=str(cache))
+    assert not stale.exists() and alive.exists() and len(list(cache.glob("*.safetensors"))) == 1
+
+
+# =========================================================================== core install, DDP
+
+@pytest.mark.slow
+def test_two_ddp_processes_on_a_core_install_train_the_same_with_the_default_cache(tmp_path):
+    """torchrun, 2 CPU processes (gloo), `datasets` not importable (item 3: FreezeTrainer with a torch Dataset must
+    not need it): with the default feature_cache='auto' each rank's weights equal its weights with the cache off."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(ROOT / "tests" / "scripts" / "ddp_feature_cache.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    ranks = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
+    assert all(p.is_file() for p in ranks), proc.stdout[-3000:] + proc.stderr[-3000:]  # (gloo may abort at exit)
+    for path in ranks:
+        r = torch.load(path)
+        assert r["world_size"] == 2 and r["datasets"] is None, r
+        assert r["auto"]["refusal"] is None and r["auto"]["info"]["served_steps"] == 6  # 2 epochs x 3 steps per rank
+        assert differing(r["off"]["final"], r["auto"]["final"]) == []
