@@ -262,3 +262,143 @@ def test_delta_on_a_base_with_a_missing_backbone_weight_reloads_or_is_refused(ba
         return
     reloaded = hf_freeze.from_pretrained(tmp_path / "final")
     assert differing(tensors(reloaded), tensors(t.model)) == []
+
+
+# ----------------------------------------------------------------------------------------------- freeze-policy search
+def _accuracy(p):
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+
+def _search_trainer(base_dir, out, **kw):
+    args = dict(num_train_epochs=2, eval_strategy="epoch", logging_steps=100)
+    args.update(kw)
+    return FreezeTrainer(model_init=lambda: load_base(base_dir), args=training_args(out, **args),
+                         train_dataset=TinyImages(n=16), eval_dataset=TinyImages(n=8, seed=7), compute_metrics=_accuracy)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a search whose FreezeTrainingArguments also set a policy field the "
+                   "trials do not set (layer_lr_decay) is not refused up front: the first trial trains in full, then "
+                   "the search dies with 'sampled X but trained Y'")
+def test_search_with_a_policy_field_in_the_args_is_refused_before_any_trial(base_dir, tmp_path):
+    t = _search_trainer(base_dir, tmp_path, layer_lr_decay=0.8)
+    with pytest.raises((FreezePolicyError, ValueError), match="layer_lr_decay"):
+        hf_freeze.search_freeze_policies(t, n_trials=2, policies=["backbone", "freeze=backbone;unfreeze=epoch1:1"])
+    assert t.state.global_step == 0  # nothing was trained for nothing
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the default search space times its schedules from num_train_epochs "
+                   "even when max_steps ends the run first: 'late' never fires, two candidates train identically and "
+                   "the search can rank a policy whose event never ran first")
+def test_search_space_follows_max_steps(base_dir, tmp_path):
+    t = _search_trainer(base_dir, tmp_path, num_train_epochs=4, max_steps=2, eval_strategy="steps", eval_steps=2)
+    space = hf_freeze.FreezeSearchSpace(freeze=["backbone"], schedule=["none", "late"], lr_scale=[1.0])
+    result = hf_freeze.search_freeze_policies(t, n_trials=2, metric="eval_accuracy", space=space)
+    losses = [r["eval_loss"] for r in result.rows]
+    assert len(set(losses)) == len(losses), f"candidates that trained identically: {result.rows}"
+
+
+# ----------------------------------------------------------------------------------------------- accumulation x schedule
+class _GradsPerUpdate(TrainerCallback):
+    """For each optimizer update: did stage.1 get a gradient?"""
+
+    def __init__(self):
+        self.stage1 = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        names = set(hf_freeze.layer_groups(unwrap_model(model))["stage.1"].param_names)
+        self.stage1.append(any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                               for n, p in unwrap_model(model).named_parameters() if n in names))
+
+
+@pytest.mark.parametrize("event,first_update", [("step2", 3), ("epoch1", 3)])
+def test_events_count_optimizer_updates_under_gradient_accumulation(base_dir, tmp_path, event, first_update):
+    """36 images, batch 8, accumulation 3: 5 batches = 2 updates per epoch, 6 updates. step2 fires before the 3rd
+    update; epoch1 after the first epoch's 2 updates."""
+    rec = _GradsPerUpdate()
+    t = make(base_dir, tmp_path, f"freeze=backbone;unfreeze={event}:1", train=TinyImages(n=36),
+             gradient_accumulation_steps=3, num_train_epochs=3, callbacks=[rec], feature_cache="auto")
+    t.train()
+    assert rec.stage1 == [i + 1 >= first_update for i in range(6)]
+
+
+# ----------------------------------------------------------------------------------------------- plain Trainer, eval-only
+@pytest.mark.xfail(strict=True, reason="BUG (undocumented difference): FreezeTrainer puts BatchNorm/GroupNorm weights "
+                   "in no-decay groups, the Trainer decays them: with a policy that needs no per-group LRs, FreezeTrainer "
+                   "and Trainer + FreezeCallback train differently (equal with weight_decay=0)")
+def test_freeze_trainer_equals_plain_trainer_with_the_callback(base_dir, tmp_path):
+    from transformers import Trainer
+
+    ft = make(base_dir, tmp_path / "ft", SCHEDULE)
+    ft.train()
+    plain = Trainer(model=load_base(base_dir), args=training_args(tmp_path / "plain", logging_steps=100),
+                    train_dataset=TinyImages(n=32), callbacks=[hf_freeze.FreezeCallback(SCHEDULE)])
+    plain.train()
+    assert differing(tensors(plain.model), tensors(ft.model)) == []
+
+
+def test_plain_trainer_callback_with_model_init_equals_a_given_model(base_dir, tmp_path):
+    """model_init: the policy is applied only at on_train_begin, after the optimizer was built from every parameter."""
+    from transformers import Trainer
+
+    runs = []
+    for kw in (dict(model=load_base(base_dir)), dict(model_init=lambda: load_base(base_dir))):
+        t = Trainer(args=training_args(tmp_path / str(len(runs)), logging_steps=100), train_dataset=TinyImages(n=32),
+                    callbacks=[hf_freeze.FreezeCallback(SCHEDULE)], **kw)
+        t.train()
+        runs.append(t)
+    assert differing(tensors(runs[1].model), tensors(runs[0].model)) == []
+    hf_freeze.verify_frozen(runs[1].model)
+
+
+def test_eval_only_run_then_train_equals_train_and_eval_only_delta_reloads(base_dir, tmp_path):
+    ev = TinyImages(n=8, seed=7)
+    a = make(base_dir, tmp_path / "a", SCHEDULE, eval_dataset=ev, save_delta=True, feature_cache="auto")
+    before = tensors(a.model)
+    a.evaluate()
+    a.save_model(str(tmp_path / "evalonly"))  # nothing trained yet: a delta of the untrained head
+    assert differing(tensors(hf_freeze.from_pretrained(tmp_path / "evalonly")), before) == []
+    a.train()
+    b = make(base_dir, tmp_path / "b", SCHEDULE, eval_dataset=ev, save_delta=True, feature_cache="auto")
+    b.train()
+    assert differing(tensors(a.model), tensors(b.model)) == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (inconsistent state): after FreezeTrainer(...) without train() (an "
+                   "eval-only run) the groups a schedule unfreezes later have requires_grad=True while freeze_report "
+                   "says 'frozen (until step 3)' and 99 trainable parameters")
+def test_eval_only_trainer_leaves_the_model_as_its_report_says(base_dir, tmp_path):
+    t = make(base_dir, tmp_path, SCHEDULE, eval_dataset=TinyImages(n=8, seed=7))
+    t.evaluate()
+    report = hf_freeze.freeze_report(t.model)
+    trainable = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    assert trainable == sum(r.trainable for r in report.rows)
+
+
+# ----------------------------------------------------------------------------------------------- disk cache: bad dir, full disk
+@pytest.mark.xfail(strict=True, reason="BUG (unclear, late error): feature_cache_dir naming an existing file is "
+                   "accepted by the arguments and fails at the first training step with a bare FileExistsError that "
+                   "does not mention feature_cache_dir")
+def test_feature_cache_dir_that_is_a_file_is_refused_up_front(base_dir, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises((FreezePolicyError, ValueError), match="feature_cache_dir"):
+        t = make(base_dir, tmp_path, "backbone", feature_cache="disk", feature_cache_dir=str(tmp_path / "afile"))
+        t.train()
+
+
+def test_disk_full_while_writing_the_cache_leaves_no_temp_file_and_says_so(base_dir, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 64)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    cache = tmp_path / "cache"
+    t = make(base_dir, tmp_path, "backbone", feature_cache="disk", feature_cache_dir=str(cache))
+    before = tensors(t.model)
+    with pytest.raises(OSError, match="No space left"):
+        t.train()
+    assert list(cache.iterdir()) == []
+    assert differing(tensors(t.model), before) == []  # failed before the first update
