@@ -666,3 +666,29 @@ def test_layer_lr_decay_lr_scales_cosine_warmup_resume_and_cache(base_dir, tmp_p
     t.train(resume_from_checkpoint=str(tmp_path / "run" / "out" / "checkpoint-2"))
     assert t.feature_cache_info.get("served_steps") == 1  # step 3 only: the first event fires before update 4
     assert differing(tensors(t.model), tensors(ref.model)) == []
+
+
+class _RareClassFlips(TinyImages):
+    """Random horizontal flips for the rare class only (class-balanced augmentation); its examples come last."""
+
+    def __init__(self):
+        super().__init__(n=32)
+        self.labels = torch.where(torch.arange(32) >= 24, torch.tensor(2), self.labels % 2)
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        pixels = item["pixel_values"]
+        if int(item["labels"]) == 2 and torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        return {"pixel_values": pixels, "labels": item["labels"]}
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: random augmentation of only some examples (the rare class, at the end) "
+                   "slips past the check, which re-reads the first 4 examples only: the cache freezes one random draw "
+                   "and training silently differs from the uncached run")
+def test_cache_with_random_augmentation_of_a_rare_class_equals_off_or_is_refused(base_dir, tmp_path):
+    off = make(base_dir, tmp_path / "off", "backbone", train=_RareClassFlips(), num_train_epochs=3)
+    off.train()
+    on = make(base_dir, tmp_path / "on", "backbone", train=_RareClassFlips(), num_train_epochs=3, feature_cache="auto")
+    on.train()
+    assert differing(tensors(on.model), tensors(off.model)) == []
