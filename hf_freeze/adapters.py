@@ -46,7 +46,8 @@ from torch import nn
 
 from .checks import did_you_mean, group_hint
 from .errors import FreezePolicyError
-from .groups import ADAPTER, COPY, HEAD, named_base_modules, named_base_parameters, named_peft_parameters, peft_wrappers
+from .groups import HEAD
+from .names import ADAPTER, COPY, named_base_modules, named_base_parameters, named_peft_parameters, peft_wrappers
 
 #: method -> (PEFT config class, its alpha field, the field ``dropout`` maps to)
 METHODS = {"lora": ("LoraConfig", "lora_alpha", "lora_dropout"),
@@ -498,7 +499,8 @@ def add_adapter(model: nn.Module, policy=None):
     from peft import get_peft_model
 
     from .apply import apply_policy, remove_policy
-    from .groups import layer_groups, unwrap_model
+    from .groups import layer_groups
+    from .names import unwrap_model
     from .policy import FreezePolicy, resolve
 
     base = unwrap_model(model)
@@ -528,7 +530,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, is_trainable: b
     from peft import PeftModel
 
     from .apply import apply_policy
-    from .groups import layer_groups, unwrap_model
+    from .groups import layer_groups
+    from .names import unwrap_model
     from .policy import FreezePolicy, resolve
 
     policy = FreezePolicy.from_pretrained(folder)

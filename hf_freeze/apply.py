@@ -17,15 +17,8 @@ from torch import nn
 from . import batchnorm
 from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, named_tensors
-from .groups import (
-    COPY,
-    LayerGroups,
-    layer_groups,
-    named_base_parameters,
-    named_peft_parameters,
-    peft_wrappers,
-    unwrap_model,
-)
+from .groups import LayerGroups, layer_groups
+from .names import COPY, named_base_parameters, named_peft_parameters, peft_wrappers, unwrap_model
 from .policy import FreezePlan, FreezePolicy, resolve
 
 STATE_ATTR = "_hf_freeze_state"

@@ -27,7 +27,8 @@ from ._logging import get_logger
 from .apply import apply_policy, get_state, rewind_events, set_frozen, unfreeze_groups, verify_frozen
 from .distributed import check_backend
 from .errors import FreezePolicyError
-from .groups import layer_groups, unwrap_model
+from .groups import layer_groups
+from .names import unwrap_model
 from .param_groups import ever_trainable
 from .policy import FreezePolicy, Timing, resolve
 

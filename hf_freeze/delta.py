@@ -26,7 +26,7 @@ from torch import nn
 
 from .apply import require_state
 from .fingerprint import Fingerprint, is_sharded, named_tensors
-from .groups import unwrap_model
+from .names import unwrap_model
 
 DELTA_WEIGHTS = "freeze_delta.safetensors"
 DELTA_MANIFEST = "freeze_delta.json"

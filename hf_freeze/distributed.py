@@ -76,7 +76,7 @@ def ddp_options(args, model) -> tuple[bool, bool]:
     """(find_unused_parameters, static_graph) the Trainer gives DDP (``Trainer._build_accelerator_args``)."""
     from transformers import PreTrainedModel
 
-    from .groups import unwrap_model
+    from .names import unwrap_model
 
     explicit = getattr(args, "ddp_find_unused_parameters", None)
     if explicit is not None:
@@ -202,7 +202,8 @@ def _low_precision_later(model, policy) -> list[str]:
     """Parameters of groups the schedule unfreezes that are not float32."""
     if model is None:
         return []
-    from .groups import layer_groups, named_base_parameters
+    from .groups import layer_groups
+    from .names import named_base_parameters
     from .policy import resolve
 
     groups = layer_groups(model)

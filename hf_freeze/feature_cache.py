@@ -57,7 +57,7 @@ from torch import nn
 from .apply import get_state
 from .errors import FreezePolicyError
 from .fingerprint import tensor_digest
-from .groups import peft_wrappers, unwrap_model
+from .names import peft_wrappers, unwrap_model
 
 logger = logging.getLogger(__name__)
 INDEX_KEY = "_hf_freeze_index"

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import FreezePolicyError
+from .names import BASE, ModelNames, peft_wrappers, split_peft_name, unwrap_model
 
 LEAF_BYTES = 16 * 1024
 SCHEME = 2
@@ -213,17 +214,14 @@ def _sharded_digests(sharded: Mapping[str, torch.Tensor], local_verdict) -> tupl
 
 
 # --------------------------------------------------------------------------- models
-def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name; inside a PEFT-wrapped model, the pretrained ones under their unwrapped names."""
-    from .groups import named_base_tensors
-
-    return named_base_tensors(model)
+def named_tensors(model: nn.Module, names: ModelNames | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name; inside a PEFT-wrapped model, the pretrained ones under their unwrapped names
+    (``names``: the model's, if known)."""
+    return (names or ModelNames.of(model)).base_tensors(model)
 
 
 def base_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``state_dict`` (of ``model`` or of a PEFT/compile wrapper around it) keyed by the names of :func:`named_tensors`."""
-    from .groups import peft_wrappers, split_peft_name, unwrap_model
-
     inner = unwrap_model(model)
     wrappers = peft_wrappers(inner)
     own = set(inner.state_dict())
@@ -232,7 +230,7 @@ def base_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) ->
         for prefix in ("", "base_model.model.", "_orig_mod.", "module."):
             if key.startswith(prefix) and key[len(prefix):] in own:
                 name, role = split_peft_name(key[len(prefix):], wrappers)
-                if role == "base":
+                if role == BASE:
                     out[name] = t
                 break
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from .apply import changed_frozen_tensors, get_state
-from .groups import unwrap_model
+from .names import unwrap_model
 
 TEMPLATES = Path(__file__).parent / "model_cards"
 PLOT_FILE = "training_curves.png"

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .apply import require_state
-from .groups import named_base_parameters, unwrap_model
+from .names import named_base_parameters, unwrap_model
 
 
 @dataclass(frozen=True)

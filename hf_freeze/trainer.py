@@ -30,9 +30,10 @@ from .delta import (
 )
 from .distributed import check_model_data
 from .errors import FreezePolicyError
-from .groups import layer_groups, peft_wrappers, unwrap_model
+from .groups import layer_groups
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
+from .names import peft_wrappers, unwrap_model
 from .param_groups import freeze_param_groups
 from .policy import FreezePolicy, Timing, resolve
 

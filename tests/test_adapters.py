@@ -37,7 +37,7 @@ from hf_freeze import (
     FrozenWeightsChanged,
 )
 from hf_freeze.adapters import expose_conv_geometry, resolve_adapter, skip_reason
-from hf_freeze.groups import ADAPTER, COPY, named_base_tensors, named_peft_parameters, peft_wrappers
+from hf_freeze.names import ADAPTER, COPY, named_base_tensors, named_peft_parameters, peft_wrappers
 from hf_freeze.testing import fashion_mnist, few_shot_indices
 from hf_freeze.tiny import IMAGE_SIZE
 
