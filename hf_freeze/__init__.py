@@ -20,7 +20,7 @@ _EXPORTS = {
     "FreezePolicy": "policy", "Unfreeze": "policy", "FreezePlan": "policy", "resolve": "policy",
     "LayerGroup": "groups", "LayerGroups": "groups", "layer_groups": "groups",
     "apply_policy": "apply", "remove_policy": "apply", "unfreeze_groups": "apply", "verify_frozen": "apply",
-    "changed_frozen_tensors": "apply", "get_state": "apply",
+    "changed_frozen_tensors": "apply", "get_state": "state",
     "FreezeReport": "report", "freeze_report": "report", "Fingerprint": "fingerprint",
     "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "UnsupportedModelError": "errors",
     # Trainer integration
@@ -59,14 +59,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed in __all__ through _EXPORTS)
     from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter
-    from .apply import (
-        apply_policy,
-        changed_frozen_tensors,
-        get_state,
-        remove_policy,
-        unfreeze_groups,
-        verify_frozen,
-    )
+    from .apply import apply_policy, changed_frozen_tensors, remove_policy, unfreeze_groups, verify_frozen
     from .args import DeltaArguments, FreezeArguments, FreezeTrainingArguments
     from .callback import FreezeCallback
     from .delta import BaseModelChanged, DeltaManifest, apply_delta, from_pretrained, save_delta
@@ -78,4 +71,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed i
     from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
     from .report import FreezeReport, freeze_report
     from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
+    from .state import get_state
     from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained

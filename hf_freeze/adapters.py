@@ -47,7 +47,7 @@ from torch import nn
 from .checks import did_you_mean, group_hint
 from .errors import FreezePolicyError
 from .groups import HEAD
-from .names import ADAPTER, COPY, named_base_modules, named_base_parameters, named_peft_parameters, peft_wrappers
+from .names import ADAPTER, COPY, ModelNames, named_base_modules, named_base_parameters, peft_wrappers
 
 #: method -> (PEFT config class, its alpha field, the field ``dropout`` maps to)
 METHODS = {"lora": ("LoraConfig", "lora_alpha", "lora_dropout"),
@@ -452,12 +452,14 @@ def check_wrapped(model: nn.Module, plan: AdapterPlan) -> None:
 
 # =========================================================================== parameters per group
 
-def adapter_params_by_group(model: nn.Module, groups) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Adapter parameters and trained copies (real names) by the layer group of the base layer they belong to."""
+def adapter_params_by_group(model: nn.Module, groups, names: ModelNames | None = None
+                            ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Adapter parameters and trained copies (real names) by the layer group of the base layer they belong to
+    (``names``: the model's, if known)."""
     group_of = groups.group_of()
     module_group = {n.rpartition(".")[0]: g for n, g in group_of.items()}
     out: dict[str, list[tuple[str, nn.Parameter]]] = {g.name: [] for g in groups}
-    for real, base, role, p in named_peft_parameters(model):
+    for real, base, role, p in (names or ModelNames.of(model)).peft_parameters(model):
         group = group_of.get(base) if role == COPY else module_group.get(base) if role == ADAPTER else None
         if group is not None:
             out[group].append((real, p))
@@ -548,7 +550,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, is_trainable: b
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Save a wrapped model's adapter (``PeftModel.save_pretrained``) and its freeze policy into ``folder``."""
-    from .apply import require_state
+    from .state import require_state
 
     if not hasattr(model, "peft_config"):
         raise TypeError(f"save_adapter needs the peft.PeftModel (from hf_freeze.add_adapter), got {type(model).__name__}")

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .apply import require_state
 from .fingerprint import Fingerprint, is_sharded, named_tensors
 from .names import unwrap_model
+from .state import require_state
 
 DELTA_WEIGHTS = "freeze_delta.safetensors"
 DELTA_MANIFEST = "freeze_delta.json"

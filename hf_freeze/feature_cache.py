@@ -54,10 +54,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .apply import get_state
 from .errors import FreezePolicyError
 from .fingerprint import tensor_digest
 from .names import peft_wrappers, unwrap_model
+from .state import get_state
 
 logger = logging.getLogger(__name__)
 INDEX_KEY = "_hf_freeze_index"

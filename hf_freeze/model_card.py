@@ -20,8 +20,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .apply import changed_frozen_tensors, get_state
+from .apply import changed_frozen_tensors
 from .names import unwrap_model
+from .state import get_state
 
 TEMPLATES = Path(__file__).parent / "model_cards"
 PLOT_FILE = "training_curves.png"

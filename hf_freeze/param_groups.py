@@ -55,6 +55,7 @@ def _members(model: nn.Module, state) -> dict[str, list[str]]:
     if state.adapter is not None:
         from .adapters import adapter_params_by_group
 
-        return {g: [n for n, p in ps if p.requires_grad] for g, ps in adapter_params_by_group(model, state.groups).items()}
+        by_group = adapter_params_by_group(model, state.groups, state.names_of(model))
+        return {g: [n for n, p in ps if p.requires_grad] for g, ps in by_group.items()}
     keep = ever_trainable(state)
     return {g.name: [n for n in g.param_names if n in keep] for g in state.groups}

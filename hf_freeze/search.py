@@ -199,8 +199,8 @@ def search_freeze_policies(trainer, n_trials: int = 8, metric: str = "eval_accur
     """
     import optuna
 
-    from .apply import get_state
     from .groups import layer_groups
+    from .state import get_state
 
     if trainer.model_init is None:
         raise ValueError("search_freeze_policies needs a FreezeTrainer built with model_init= (each trial starts "

@@ -13,7 +13,6 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from . import feature_cache as fc
 from ._logging import get_logger
 from .adapters import add_adapter
-from .apply import get_state
 from .callback import CONFIG_KEY, FreezeCallback
 from .checkpoints import last_complete_checkpoint
 from .delta import (
@@ -36,6 +35,7 @@ from .model_card import CardConfig, write_model_card
 from .names import peft_wrappers, unwrap_model
 from .param_groups import freeze_param_groups
 from .policy import FreezePolicy, Timing, resolve
+from .state import get_state
 
 logger = get_logger(__name__)
 
