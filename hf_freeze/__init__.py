@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 #: public name -> the submodule that defines it
 _EXPORTS = {
     # policies and the core engine
-    "FreezePolicy": "policy", "Unfreeze": "policy", "FreezePlan": "policy", "resolve": "policy",
+    "FreezePolicy": "policy", "Unfreeze": "policy", "FreezePlan": "plan", "resolve": "plan",
     "LayerGroup": "groups", "LayerGroups": "groups", "layer_groups": "groups",
     "apply_policy": "apply", "remove_policy": "apply", "unfreeze_groups": "apply", "verify_frozen": "apply",
     "changed_frozen_tensors": "apply", "get_state": "state",
@@ -68,7 +68,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed i
     from .groups import LayerGroup, LayerGroups, layer_groups
     from .hub import PushFailed, push_folder
     from .model_card import CardConfig, render_model_card, write_model_card
-    from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
+    from .plan import FreezePlan, resolve
+    from .policy import FreezePolicy, Unfreeze
     from .report import FreezeReport, freeze_report
     from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
     from .state import get_state

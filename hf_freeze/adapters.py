@@ -288,7 +288,7 @@ def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozen
     ``layers``: :func:`adaptable_layers`. ``N`` counts only the groups holding a layer an adapter can
     go on (the last N such groups before the head); named groups must hold one between them.
     """
-    from .policy import _group_range
+    from .plan import group_range
 
     adaptable = {g for _, g, why in layers if why is None}
     names = groups.names
@@ -308,7 +308,7 @@ def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozen
             if sel in names:
                 named.add(sel)
             elif ":" in sel:
-                ranged.update(_group_range(sel, names))
+                ranged.update(group_range(sel, names))
             else:
                 raise FreezePolicyError(f"adapter groups: unknown group {sel!r}{group_hint(sel, names)}; groups are {names}")
         empty = [n for n in names if n in named and n not in adaptable and n != HEAD]
@@ -503,7 +503,8 @@ def add_adapter(model: nn.Module, policy=None):
     from .apply import apply_policy, remove_policy
     from .groups import layer_groups
     from .names import unwrap_model
-    from .policy import FreezePolicy, resolve
+    from .plan import resolve
+    from .policy import FreezePolicy
 
     base = unwrap_model(model)
     policy = FreezePolicy.coerce(policy)
@@ -534,7 +535,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, is_trainable: b
     from .apply import apply_policy
     from .groups import layer_groups
     from .names import unwrap_model
-    from .policy import FreezePolicy, resolve
+    from .plan import resolve
+    from .policy import FreezePolicy
 
     policy = FreezePolicy.from_pretrained(folder)
     if policy.adapter is None:

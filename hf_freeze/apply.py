@@ -18,7 +18,8 @@ from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, digests
 from .groups import LayerGroups, layer_groups
 from .names import COPY, ModelNames, peft_wrappers, unwrap_model
-from .policy import FreezePlan, FreezePolicy, resolve
+from .plan import FreezePlan, resolve
+from .policy import FreezePolicy
 from .report import freeze_report
 from .state import FreezeState, attach, detach, get_state, require_state
 

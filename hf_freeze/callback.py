@@ -30,7 +30,8 @@ from .errors import FreezePolicyError
 from .groups import layer_groups
 from .names import unwrap_model
 from .param_groups import ever_trainable
-from .policy import FreezePolicy, Timing, resolve
+from .plan import Timing, resolve
+from .policy import FreezePolicy
 from .report import freeze_report
 from .state import get_state, save_policy_with
 

@@ -204,7 +204,7 @@ def _low_precision_later(model, policy) -> list[str]:
         return []
     from .groups import layer_groups
     from .names import named_base_parameters
-    from .policy import resolve
+    from .plan import resolve
 
     groups = layer_groups(model)
     later = {n for e in resolve(policy, groups).events for g in e.groups for n in groups[g].param_names}

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import FreezePolicyError
-from .policy import FreezePolicy, Unfreeze, resolve
+from .plan import resolve
+from .policy import FreezePolicy, Unfreeze
 
 
 @dataclass

@@ -19,7 +19,8 @@ from .names import ModelNames, unwrap_model
 if TYPE_CHECKING:  # annotations only
     from .adapters import AdapterPlan
     from .groups import LayerGroups
-    from .policy import FreezePlan, FreezePolicy
+    from .plan import FreezePlan
+    from .policy import FreezePolicy
 
 STATE_ATTR = "_hf_freeze_state"
 

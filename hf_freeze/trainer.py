@@ -34,7 +34,8 @@ from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
 from .names import peft_wrappers, unwrap_model
 from .param_groups import freeze_param_groups
-from .policy import FreezePolicy, Timing, resolve
+from .plan import Timing, resolve
+from .policy import FreezePolicy
 from .state import get_state
 
 logger = get_logger(__name__)
