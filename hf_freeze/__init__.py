@@ -28,7 +28,7 @@ _EXPORTS = {
     "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "trainer",
     "FreezeSearchSpace": "search", "SearchResult": "search", "search_freeze_policies": "search",
     # adapters
-    "AdapterConfig": "adapters", "AdapterPlan": "adapters", "add_adapter": "adapters", "load_adapter": "adapters",
+    "AdapterConfig": "adapter_config", "AdapterPlan": "adapter_plan", "add_adapter": "adapters", "load_adapter": "adapters",
     "save_adapter": "adapters",
     # sharing
     "CardConfig": "model_card", "render_model_card": "model_card", "write_model_card": "model_card",
@@ -58,7 +58,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed in __all__ through _EXPORTS)
-    from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter
+    from .adapter_config import AdapterConfig
+    from .adapter_plan import AdapterPlan
+    from .adapters import add_adapter, load_adapter, save_adapter
     from .apply import apply_policy, changed_frozen_tensors, remove_policy, unfreeze_groups, verify_frozen
     from .args import DeltaArguments, FreezeArguments, FreezeTrainingArguments
     from .callback import FreezeCallback

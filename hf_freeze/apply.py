@@ -14,6 +14,7 @@ from torch import nn
 
 from . import batchnorm
 from ._compat import moved_names
+from .adapter_plan import check_wrapped, resolve_adapter
 from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, digests
 from .groups import LayerGroups, layer_groups
@@ -83,8 +84,6 @@ def _check_quantized(params: list[tuple[str, nn.Parameter]], groups: LayerGroups
 
 def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan):
     """The resolved adapter plan (None without an adapter); the model must carry exactly that PEFT adapter."""
-    from . import adapters
-
     wrapped = bool(peft_wrappers(model))
     if policy.adapter is None:
         if wrapped:
@@ -92,12 +91,12 @@ def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, 
                                     "adapter (FreezePolicy(adapter=...)), or apply the policy to the model before "
                                     "wrapping it")
         return None
-    adapter = adapters.resolve_adapter(policy, groups, plan, model)
+    adapter = resolve_adapter(policy, groups, plan, model)
     if not wrapped:
         raise FreezePolicyError(f"policy {policy.to_string()!r} has an adapter: wrap the model with "
                                 "hf_freeze.add_adapter(model, policy) (it returns the peft.PeftModel), or use "
                                 "FreezeTrainer(freeze_policy=...), which does that")
-    adapters.check_wrapped(model, adapter)
+    check_wrapped(model, adapter)
     return adapter
 
 

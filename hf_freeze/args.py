@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .adapters import AdapterConfig
+from .adapter_config import AdapterConfig
 from .checks import policy_problems, schedule_problems, unknown_choice
 from .errors import FreezePolicyError
 from .policy import FreezePolicy, Unfreeze

@@ -12,6 +12,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .adapter_plan import adapter_params_by_group
+
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _NormBase)
 
@@ -53,8 +55,6 @@ def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: f
 def _members(model: nn.Module, state) -> dict[str, list[str]]:
     """Per layer group, the names of the parameters that train now or later (adapter weights, with an adapter)."""
     if state.adapter is not None:
-        from .adapters import adapter_params_by_group
-
         by_group = adapter_params_by_group(model, state.groups, state.names_of(model))
         return {g: [n for n, p in ps if p.requires_grad] for g, ps in by_group.items()}
     keep = ever_trainable(state)

@@ -25,7 +25,7 @@ Compact string form (fields separated by ``;``; a bare value is the ``freeze`` f
               Events fire when each is due, and are resolved in that order (step and epoch events may be
               mixed; see :func:`hf_freeze.plan.resolve` and :class:`hf_freeze.plan.Timing`).
 ``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
-              (see :mod:`hf_freeze.adapters`; no unfreeze schedule with an adapter).
+              (see :mod:`hf_freeze.adapter_config`; no unfreeze schedule with an adapter).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ._compat import moved_names
-from .adapters import AdapterConfig
+from .adapter_config import AdapterConfig
 from .errors import FreezePolicyError
 
 POLICY_FILE = "freeze_policy.json"

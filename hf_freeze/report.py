@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from . import batchnorm
-from .adapters import adapter_params_by_group
+from .adapter_plan import adapter_params_by_group
 from .names import unwrap_model
 from .state import require_state
 

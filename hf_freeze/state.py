@@ -17,7 +17,7 @@ from .fingerprint import Fingerprint
 from .names import ModelNames, unwrap_model
 
 if TYPE_CHECKING:  # annotations only
-    from .adapters import AdapterPlan
+    from .adapter_plan import AdapterPlan
     from .groups import LayerGroups
     from .plan import FreezePlan
     from .policy import FreezePolicy

@@ -36,7 +36,8 @@ from hf_freeze import (
     FreezeTrainingArguments,
     FrozenWeightsChanged,
 )
-from hf_freeze.adapters import expose_conv_geometry, resolve_adapter, skip_reason
+from hf_freeze.adapter_plan import resolve_adapter, skip_reason
+from hf_freeze.adapters import expose_conv_geometry
 from hf_freeze.names import ADAPTER, COPY, named_base_tensors, named_peft_parameters, peft_wrappers
 from hf_freeze.testing import fashion_mnist, few_shot_indices
 from hf_freeze.tiny import IMAGE_SIZE
