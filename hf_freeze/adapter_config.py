@@ -17,11 +17,13 @@ config (scalars only).
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from . import _fields
+from ._fields import Syntax, declare, is_int, is_number, num
 from .checks import did_you_mean
 from .errors import FreezePolicyError
 
@@ -33,18 +35,6 @@ METHODS = {"lora": ("LoraConfig", "lora_alpha", "lora_dropout"),
 RESOLVED_FIELDS = ("target_modules", "modules_to_save", "exclude_modules", "layers_to_transform", "layers_pattern",
                    "target_parameters", "rank_pattern", "alpha_pattern", "task_type", "peft_type", "inference_mode",
                    "base_model_name_or_path", "revision", "auto_mapping", "peft_version")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def _scalar(text: str) -> bool | int | float | str:
@@ -67,49 +57,70 @@ def _peft_class(method: str):
     return getattr(peft, METHODS[method][0])
 
 
+def _parse_number(key: str, text: str) -> int | float:
+    number = _scalar(text)
+    if not is_number(number):
+        raise ValueError(f"{key}={text!r} is not a number")
+    return number
+
+
+def _method_problem(key: str, method) -> str | None:
+    if method not in METHODS:
+        return f"method={method!r}: expected one of {sorted(METHODS)}{did_you_mean(method, METHODS)}"
+    return None
+
+
+def _coerce_groups(value):
+    value = list(value) if isinstance(value, tuple) else value
+    return _parse_groups(value) if isinstance(value, str) else value
+
+
+def _groups_problem(key: str, g) -> str | None:
+    if is_int(g):
+        return f"groups={g}: the number of groups before the head must be >= 1" if g < 1 else None
+    if isinstance(g, list):
+        if not g or not all(isinstance(s, str) and s.strip() for s in g):
+            return f"groups={g!r}: a list of group names/ranges must hold non-empty strings"
+        return None
+    if g != "backbone":
+        return (f"groups={g!r}: expected 'backbone', an int N (the last N groups before the head) or "
+                "a list of group names and ranges such as ['stage.2', 'stage.3'] or ['stage.2:neck']")
+    return None
+
+
+def _bounded(test: Callable[[Any], bool], expected: str) -> Callable[[str, Any], str | None]:
+    return lambda key, value: None if test(value) else f"{key} must be {expected}, got {value!r}"
+
+
+METHOD = Syntax(lambda key, text: text, problem=_method_problem)
+RANK = Syntax(_parse_number, problem=_bounded(lambda r: is_int(r) and r >= 1, "an integer >= 1"), flag_type=int)
+ALPHA = Syntax(_parse_number, show=num, problem=_bounded(lambda a: is_number(a) and a > 0, "a number > 0"),
+               flag_type=float)
+DROPOUT = Syntax(_parse_number, show=num, problem=_bounded(lambda d: is_number(d) and 0 <= d < 1, "in [0, 1)"),
+                 flag_type=float)
+GROUPS = Syntax(lambda key, text: _parse_groups(text), show=lambda g: str(g) if is_int(g) else "+".join(g),
+                problem=_groups_problem, coerce=_coerce_groups)
+OPTIONS = Syntax(lambda key, text: text, to_json=dict)
+
+
 @dataclass
 class AdapterConfig:
-    """Which adapter to train, and on which layer groups.
+    """Which adapter to train, and on which layer groups (string form: see the module docstring)."""
 
-    ``method``: ``lora``, ``loha`` or ``lokr``; ``r``, ``alpha``, ``dropout``: rank, scaling and
-    dropout (``lora_dropout`` for LoRA, ``rank_dropout`` for LoHa/LoKr); ``groups``: ``"backbone"``,
-    an int N (the last N groups before the head holding a layer an adapter can go on) or a list of
-    group names and ranges
-    (``"stage.2:stage.3"``); ``options``: other fields of the PEFT config (``use_dora``, ``use_rslora``,
-    ``init_weights``, ...), scalars only.
-    """
-
-    method: str = "lora"
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    groups: str | int | list[str] = "backbone"
-    options: dict[str, Any] = field(default_factory=dict)
+    method: str = declare("lora", syntax=METHOD, in_string=False, help="'lora', 'loha' or 'lokr'.")
+    r: int = declare(8, syntax=RANK, flag="lora_r", always=True, help="Adapter rank (default 8).")
+    alpha: float = declare(16, syntax=ALPHA, flag="lora_alpha", always=True, help="Adapter alpha (default 16).")
+    dropout: float = declare(0.0, syntax=DROPOUT, flag="lora_dropout", help=(
+        "Adapter dropout (default 0.0; LoRA's lora_dropout, LoHa/LoKr's rank_dropout)."))
+    groups: str | int | list[str] = declare("backbone", syntax=GROUPS, flag="adapter_groups", help=(
+        "Groups that get adapters: 'backbone' (default: all but the head), N (the last N groups before the head "
+        "holding a layer an adapter can go on), or names/ranges joined by '+' or ',' (stage.2+stage.3, stage.1:neck)."))
+    options: dict[str, Any] = declare(default_factory=dict, syntax=OPTIONS, in_string=False, help=(
+        "Other fields of the PEFT config (use_dora, use_rslora, init_weights, ...), scalars only."))
 
     def __post_init__(self):
-        if isinstance(self.groups, tuple):
-            self.groups = list(self.groups)
-        if isinstance(self.groups, str):
-            self.groups = _parse_groups(self.groups)
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r}: expected one of {sorted(METHODS)}{did_you_mean(self.method, METHODS)}")
-        if not (_is_int(self.r) and self.r >= 1):
-            problems.append(f"r must be an integer >= 1, got {self.r!r}")
-        if not (_is_number(self.alpha) and self.alpha > 0):
-            problems.append(f"alpha must be a number > 0, got {self.alpha!r}")
-        if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        g = self.groups
-        if _is_int(g):
-            if g < 1:
-                problems.append(f"groups={g}: the number of groups before the head must be >= 1")
-        elif isinstance(g, list):
-            if not g or not all(isinstance(s, str) and s.strip() for s in g):
-                problems.append(f"groups={g!r}: a list of group names/ranges must hold non-empty strings")
-        elif g != "backbone":
-            problems.append(f"groups={g!r}: expected 'backbone', an int N (the last N groups before the head) or "
-                            "a list of group names and ranges such as ['stage.2', 'stage.3'] or ['stage.2:neck']")
+        _fields.coerce(self)
+        problems = _fields.problems(self)
         if not isinstance(self.options, dict):
             problems.append(f"options must be a dict of PEFT config fields, got {type(self.options).__name__}")
         else:
@@ -138,25 +149,16 @@ class AdapterConfig:
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        return {"method": self.method, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "groups": self.groups, "options": dict(self.options)}
+        return _fields.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterConfig:
         if not isinstance(data, dict):
             raise FreezePolicyError(f"an adapter config dict is expected, got {type(data).__name__}")
-        valid = list(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise FreezePolicyError(f"unknown adapter field(s) {unknown}; valid fields: {valid}")
-        return cls(**data)
+        return _fields.from_fields(cls, data, "adapter")
 
     def to_string(self) -> str:
-        parts = [self.method, f"r={self.r}", f"alpha={_num(self.alpha)}"]
-        if self.dropout:
-            parts.append(f"dropout={_num(self.dropout)}")
-        if self.groups != "backbone":
-            parts.append(f"groups={self.groups if _is_int(self.groups) else '+'.join(self.groups)}")
+        parts = [self.method, *(f"{key}={value}" for key, value in _fields.string_items(self))]
         parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(self.options.items())]
         return ",".join(parts)
 
@@ -164,26 +166,23 @@ class AdapterConfig:
 
     @classmethod
     def from_string(cls, text: str) -> AdapterConfig:
-        method, *items = [p.strip() for p in text.strip().split(",")]
-        kwargs: dict[str, Any] = {"method": method}
-        options: dict[str, Any] = {}
-        for item in items:
+        """``METHOD[,key=value...]``: the fields of :meth:`to_string`; any other key is a PEFT option."""
+        method, *parts = [p.strip() for p in text.strip().split(",")]
+        items = []
+        for item in parts:
             key, sep, value = (x.strip() for x in item.partition("="))
             if not sep or not key or not value:
                 raise FreezePolicyError(f"cannot parse {item!r} in adapter {text!r}: expected key=value, e.g. "
                                         "'lora,r=8,alpha=16,dropout=0.1,groups=stage.2+stage.3'")
-            if key in kwargs or key in options:
-                raise FreezePolicyError(f"adapter {text!r} gives {key!r} twice")
-            if key == "groups":
-                kwargs[key] = _parse_groups(value)
-            elif key in ("r", "alpha", "dropout"):
-                number = _scalar(value)
-                if not _is_number(number):
-                    raise FreezePolicyError(f"adapter {text!r}: {key}={value!r} is not a number")
-                kwargs[key] = number
-            else:
-                options[key] = _scalar(value)
-        return cls(**kwargs, options=options)
+            items.append((key, value))
+        keys = ["method", *(k for k, _ in items)]
+        repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if repeated:
+            raise FreezePolicyError(f"adapter {text!r} gives {repeated!r} twice")
+        written = {f.name for f, d in _fields.declarations(cls) if d.in_string}
+        kwargs = _fields.parse_items(cls, [(k, v) for k, v in items if k in written], f"adapter {text!r}",
+                                     context=lambda message: f"adapter {text!r}: {message}")
+        return cls(method=method, **kwargs, options={k: _scalar(v) for k, v in items if k not in written})
 
     @classmethod
     def from_peft(cls, config, groups: str | int | list[str] = "backbone") -> AdapterConfig:

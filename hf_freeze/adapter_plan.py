@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import batchnorm
-from .adapter_config import AdapterConfig, _is_int
+from ._fields import is_int
+from .adapter_config import AdapterConfig
 from .checks import group_hint
 from .errors import FreezePolicyError
 from .groups import HEAD
@@ -65,7 +66,7 @@ def adapter_group_names(config: AdapterConfig, groups, frozen: set[str] | frozen
     g = config.groups
     if g == "backbone":
         chosen = [n for n in backbone if n in adaptable]
-    elif _is_int(g):
+    elif is_int(g):
         candidates = [n for n in backbone if n in adaptable]
         if g > len(candidates):
             raise FreezePolicyError(f"adapter groups={g}: the model has only {len(candidates)} groups before the head "

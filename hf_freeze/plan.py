@@ -11,9 +11,10 @@ import fnmatch
 import math
 from dataclasses import dataclass
 
+from ._fields import is_int, num
 from .checks import FREEZE_KEYWORDS, group_hint
 from .errors import FreezePolicyError
-from .policy import FreezePolicy, Unfreeze, _is_int, _num
+from .policy import FreezePolicy, Unfreeze
 
 _GLOB_CHARS = set("*?[")
 
@@ -34,7 +35,7 @@ class UnfreezeStep:
 
     @property
     def when(self) -> str:
-        return f"epoch {_num(self.at_epoch)}" if self.at_epoch is not None else f"step {self.at_step}"
+        return f"epoch {num(self.at_epoch)}" if self.at_epoch is not None else f"step {self.at_step}"
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _resolve_events(events: list[Unfreeze], order: tuple[int, ...], frozen_group
     out = []
     for i in order:
         u = events[i]
-        if _is_int(u.groups):
+        if is_int(u.groups):
             if u.groups > len(still_frozen):
                 raise FreezePolicyError(
                     f"unfreeze {u.to_string()!r}: asks for {u.groups} group(s) but only {len(still_frozen)} are "
@@ -205,7 +206,7 @@ def resolve(policy: FreezePolicy, groups, timing: Timing | None = None) -> Freez
         frozen = {n for g in groups if g.name != "head" for n in g.param_names}
     elif f == "none":
         frozen = set()
-    elif _is_int(f):
+    elif is_int(f):
         if f > len(groups):
             raise FreezePolicyError(f"freeze={f}: the model has only {len(groups)} groups {names}")
         frozen = {n for g in groups[:f] for n in g.param_names}

@@ -3,55 +3,35 @@
 A policy is plain data (JSON round-trip, ``freeze_policy.json``, a compact string for command-line
 flags). It is checked against a model's layer groups by :func:`hf_freeze.plan.resolve`, which returns a
 :class:`~hf_freeze.plan.FreezePlan` or raises :class:`FreezePolicyError` without touching anything.
+Each field is declared once (:mod:`hf_freeze._fields`): its help says what it means, its syntax how it is
+written; ``to_dict``, the string form, the checks and :class:`~hf_freeze.FreezeArguments`' flags follow.
 
-Compact string form (fields separated by ``;``; a bare value is the ``freeze`` field)::
+Compact string form (``key=value`` fields separated by ``;``, the fields at their default left out; a bare
+value is the ``freeze`` field)::
 
     backbone
     freeze=stem:stage.2;train_bn=false
     freeze=backbone;unfreeze=epoch2:1@0.1,epoch4:2@0.01;layer_lr_decay=0.8
     freeze=*.normalization.*,stem;unfreeze=step100:stage.3+neck
     freeze=backbone;adapter=lora,r=8,alpha=16,groups=stage.2+stage.3
-
-``freeze``:   ``backbone`` | ``none`` | ``N`` (the first N groups) | comma-separated selectors:
-              a group name (``stage.3``), an inclusive range (``stem:stage.2``) or a parameter-name
-              glob (``*.bn*``, ``vit.layers.0.*``).
-``train_bn``: ``true`` lets every BatchNorm layer update its statistics: in frozen groups, and in groups
-              after the schedule unfreezes them (never locked; their statistics are not fingerprinted).
-``unfreeze_bn``: with ``train_bn=false``, ``true`` lets the BatchNorm layers of unfrozen groups use batch
-              statistics again (default ``false``: they stay in inference mode, statistics kept and verified;
-              their affine weights still train).
-``unfreeze``: comma-separated events ``epochE:GROUPS[@LR_SCALE]`` or ``stepS:GROUPS[@LR_SCALE]``;
-              GROUPS is a number (the next N frozen groups nearest the head) or names joined by ``+``.
-              Events fire when each is due, and are resolved in that order (step and epoch events may be
-              mixed; see :func:`hf_freeze.plan.resolve` and :class:`hf_freeze.plan.Timing`).
-``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
-              (see :mod:`hf_freeze.adapter_config`; no unfreeze schedule with an adapter).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from . import _fields
 from ._compat import moved_names
+from ._fields import BOOL, Syntax, declare, is_int, is_number, num
 from .adapter_config import AdapterConfig
 from .errors import FreezePolicyError
 
 POLICY_FILE = "freeze_policy.json"
 POLICY_VERSION = 1
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -74,16 +54,16 @@ class Unfreeze:
         problems = []
         if (self.at_epoch is None) == (self.at_step is None):
             problems.append("give exactly one of at_epoch or at_step")
-        if self.at_epoch is not None and not (_is_number(self.at_epoch) and self.at_epoch > 0):
+        if self.at_epoch is not None and not (is_number(self.at_epoch) and self.at_epoch > 0):
             problems.append(f"at_epoch must be a number > 0, got {self.at_epoch!r}")
-        if self.at_step is not None and not (_is_int(self.at_step) and self.at_step > 0):
+        if self.at_step is not None and not (is_int(self.at_step) and self.at_step > 0):
             problems.append(f"at_step must be an integer > 0, got {self.at_step!r}")
-        if _is_int(self.groups):
+        if is_int(self.groups):
             if self.groups < 1:
                 problems.append(f"groups must be >= 1, got {self.groups}")
         elif not (isinstance(self.groups, list) and self.groups and all(isinstance(g, str) and g for g in self.groups)):
             problems.append(f"groups must be an int >= 1 or a non-empty list of group names, got {self.groups!r}")
-        if not (_is_number(self.lr_scale) and self.lr_scale > 0):
+        if not (is_number(self.lr_scale) and self.lr_scale > 0):
             problems.append(f"lr_scale must be a finite number > 0, got {self.lr_scale!r}")
         if problems:
             raise FreezePolicyError(f"invalid Unfreeze({self._when()}): " + "; ".join(problems))
@@ -92,12 +72,12 @@ class Unfreeze:
         return f"at_epoch={self.at_epoch!r}" if self.at_epoch is not None else f"at_step={self.at_step!r}"
 
     def to_dict(self) -> dict:
-        return {"at_epoch": self.at_epoch, "at_step": self.at_step, "groups": self.groups, "lr_scale": self.lr_scale}
+        return dict(vars(self))
 
     def to_string(self) -> str:
-        when = f"epoch{_num(self.at_epoch)}" if self.at_epoch is not None else f"step{self.at_step}"
-        groups = str(self.groups) if _is_int(self.groups) else "+".join(self.groups)
-        return f"{when}:{groups}" + (f"@{_num(self.lr_scale)}" if self.lr_scale != 1.0 else "")
+        when = f"epoch{num(self.at_epoch)}" if self.at_epoch is not None else f"step{self.at_step}"
+        groups = str(self.groups) if is_int(self.groups) else "+".join(self.groups)
+        return f"{when}:{groups}" + (f"@{num(self.lr_scale)}" if self.lr_scale != 1.0 else "")
 
     @classmethod
     def from_string(cls, text: str) -> Unfreeze:
@@ -117,93 +97,137 @@ class Unfreeze:
         return cls(groups=group_value, lr_scale=lr, **kwargs)
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
+# --------------------------------------------------------------------------- how each field is written
+def _parse_freeze_string(text: str) -> str | int | list[str]:
+    text = text.strip()
+    if text in ("backbone", "none"):
+        return text
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return [s.strip() for s in text.split(",")]
+
+
+def _coerce_freeze(value):
+    value = list(value) if isinstance(value, tuple) else value
+    return _parse_freeze_string(value) if isinstance(value, str) else value
+
+
+def _freeze_problem(key: str, f) -> str | None:
+    if is_int(f):
+        return f"freeze={f}: the number of groups to freeze must be >= 0" if f < 0 else None
+    if isinstance(f, list):
+        if not f or not all(isinstance(s, str) and s.strip() for s in f):
+            return (f"freeze={f!r}: a list of freeze selectors must be non-empty strings "
+                    "(group names, ranges like 'stem:stage.2', or parameter globs)")
+        return None
+    if f not in ("backbone", "none"):
+        return (f"freeze={f!r}: expected 'backbone', 'none', an int N (the first N groups) or a list "
+                "of group names, ranges ('stem:stage.2') and parameter-name globs ('*.bn*')")
+    return None
+
+
+FREEZE = Syntax(lambda key, text: text, show=lambda f: ",".join(f) if isinstance(f, list) else str(f),
+                problem=_freeze_problem, coerce=_coerce_freeze)
+
+
+def _coerce_events(value) -> list[Unfreeze]:
+    if isinstance(value, (Unfreeze, dict)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise FreezePolicyError(f"unfreeze must be a list of Unfreeze events, got {value!r}")
+    events = []
+    for u in value:
+        if isinstance(u, dict):
+            u = _fields.from_fields(Unfreeze, u, "unfreeze event")
+        elif isinstance(u, str):
+            u = Unfreeze.from_string(u)
+        if not isinstance(u, Unfreeze):
+            raise FreezePolicyError(f"unfreeze events must be Unfreeze objects, dicts or strings, got {u!r}")
+        events.append(u)
+    return events
+
+
+def _events_problem(key: str, events: list[Unfreeze]) -> str | None:
+    for unit in ("at_epoch", "at_step"):
+        times = [getattr(u, unit) for u in events if getattr(u, unit) is not None]
+        if any(b <= a for a, b in zip(times, times[1:])):
+            return f"unfreeze events must be listed in time order ({unit} values {times} are not increasing)"
+    return None
+
+
+EVENTS = Syntax(lambda key, text: [Unfreeze.from_string(v) for v in text.split(",") if v.strip()],
+                show=lambda events: ",".join(u.to_string() for u in events), problem=_events_problem,
+                coerce=_coerce_events, to_json=lambda events: [u.to_dict() for u in events])
+
+
+def _parse_decay(key: str, text: str) -> float | None:
+    if text.lower() in ("none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected a number in (0, 1]") from None
+
+
+def _decay_problem(key: str, d) -> str | None:
+    if d is not None and not (is_number(d) and 0 < d <= 1):
+        return f"{key} must be in (0, 1] (1 = no decay) or None, got {d!r}"
+    return None
+
+
+DECAY = Syntax(_parse_decay, show=num, problem=_decay_problem, flag_type=float)
+ADAPTER = Syntax(lambda key, text: None if text.lower() in ("none", "") else AdapterConfig.from_string(text),
+                 show=lambda a: a.to_string(), coerce=AdapterConfig.coerce, to_json=lambda a: a.to_dict())
 
 
 @dataclass
 class FreezePolicy:
     """A declarative freeze policy; see the module docstring for the string form."""
 
-    freeze: str | int | list[str] = "backbone"
-    #: BatchNorm statistics. False (default): a BatchNorm layer stays in inference mode (statistics kept,
-    #: fingerprinted, verified) while its group is frozen, and after its group is unfrozen unless ``unfreeze_bn``.
-    #: True: every BatchNorm layer updates its statistics, frozen group or not, before and after an unfreeze; none
-    #: is locked, so ``unfreeze_bn`` changes nothing, and those statistics are never claimed frozen or verified.
-    #: (Groups that train from the start always use batch statistics.)
-    train_bn: bool = False
-    unfreeze: list[Unfreeze] = field(default_factory=list)
-    layer_lr_decay: float | None = None
-    verify: bool = True
-    #: when a group is unfrozen, may its BatchNorm layers switch to batch statistics? False (default, as Keras
-    #: advises for fine-tuning): they stay in inference mode, their affine weights train, their statistics are kept
-    #: (and verified). Only matters with ``train_bn=False``
-    unfreeze_bn: bool = False
-    #: PEFT adapter trained on frozen groups (AdapterConfig, dict, adapter string or peft config); None: no adapter
-    adapter: AdapterConfig | None = None
+    freeze: str | int | list[str] = declare("backbone", syntax=FREEZE, flag="freeze", always=True, help=(
+        "What to freeze: 'backbone' (all but the head), 'none', N (the first N groups), or comma-separated "
+        "group names, ranges ('stem:stage.2') and parameter globs ('*.bn*'). See `hf-freeze inspect MODEL`. "
+        "Default: the policy recorded in the model's config, else 'backbone'."))
+    train_bn: bool = declare(False, syntax=BOOL, flag="train_bn", help=(
+        "Let every BatchNorm layer update its statistics, in frozen groups and after its group is unfrozen (never "
+        "locked, so unfreeze_bn changes nothing, and those statistics are never claimed frozen or verified). "
+        "Default: a BatchNorm layer stays in inference mode (statistics kept, fingerprinted, verified) while its "
+        "group is frozen; groups that train from the start always use batch statistics."))
+    unfreeze: list[Unfreeze] = declare(default_factory=list, syntax=EVENTS, flag="unfreeze", help=(
+        "Unfreeze schedule: comma-separated 'epochE:GROUPS[@LR_SCALE]' or 'stepS:GROUPS[@LR_SCALE]'; GROUPS "
+        "is N (next N frozen groups nearest the head) or names joined by '+'. Example: epoch2:1@0.1,epoch4:2@0.01. "
+        "Events fire when each is due and are resolved in that order (step and epoch events may be mixed)."))
+    unfreeze_bn: bool = declare(False, syntax=BOOL, flag="unfreeze_bn", help=(
+        "Let BatchNorm layers of groups unfrozen by the schedule use batch statistics again (default: they stay "
+        "in inference mode and keep their pretrained statistics, as Keras advises for fine-tuning; their weights "
+        "still train). Only matters without train_bn."))
+    layer_lr_decay: float | None = declare(None, syntax=DECAY, flag="layer_lr_decay", help=(
+        "Layer-wise LR decay in (0, 1]: each group nearer the input gets this factor once more (head at the base LR)."))
+    verify: bool = declare(True, syntax=BOOL, flag="verify_frozen", help=(
+        "Check on every save and at the end that frozen tensors are bit-identical (FrozenWeightsChanged if not)."))
+    adapter: AdapterConfig | None = declare(None, syntax=ADAPTER, flag="adapter", omit_default=True, help=(
+        "Train a PEFT adapter on the frozen groups instead of unfreezing them: 'lora', 'loha' or 'lokr', "
+        "optionally with options ('lora,use_dora=true'; an AdapterConfig, dict or peft config in Python). The "
+        "head trains whole and is saved with the adapter. No unfreeze schedule with an adapter."))
 
     def __post_init__(self):
-        self.adapter = AdapterConfig.coerce(self.adapter)
-        if isinstance(self.freeze, tuple):
-            self.freeze = list(self.freeze)
-        if isinstance(self.freeze, str):
-            self.freeze = _parse_freeze_string(self.freeze)
-        if isinstance(self.unfreeze, (Unfreeze, dict)):
-            self.unfreeze = [self.unfreeze]
-        if not isinstance(self.unfreeze, (list, tuple)):
-            raise FreezePolicyError(f"unfreeze must be a list of Unfreeze events, got {self.unfreeze!r}")
-        events = []
-        for u in self.unfreeze:
-            if isinstance(u, dict):
-                u = _from_dict(Unfreeze, u, "unfreeze event")
-            elif isinstance(u, str):
-                u = Unfreeze.from_string(u)
-            if not isinstance(u, Unfreeze):
-                raise FreezePolicyError(f"unfreeze events must be Unfreeze objects, dicts or strings, got {u!r}")
-            events.append(u)
-        self.unfreeze = events
-        problems = []
-        f = self.freeze
-        if _is_int(f):
-            if f < 0:
-                problems.append(f"freeze={f}: the number of groups to freeze must be >= 0")
-        elif isinstance(f, list):
-            if not f or not all(isinstance(s, str) and s.strip() for s in f):
-                problems.append(f"freeze={f!r}: a list of freeze selectors must be non-empty strings "
-                                "(group names, ranges like 'stem:stage.2', or parameter globs)")
-        elif f not in ("backbone", "none"):
-            problems.append(f"freeze={f!r}: expected 'backbone', 'none', an int N (the first N groups) or a list "
-                            "of group names, ranges ('stem:stage.2') and parameter-name globs ('*.bn*')")
-        for name in ("train_bn", "verify", "unfreeze_bn"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
-        d = self.layer_lr_decay
-        if d is not None and not (_is_number(d) and 0 < d <= 1):
-            problems.append(f"layer_lr_decay must be in (0, 1] (1 = no decay) or None, got {d!r}")
-        for unit in ("at_epoch", "at_step"):
-            times = [getattr(u, unit) for u in self.unfreeze if getattr(u, unit) is not None]
-            if any(b <= a for a, b in zip(times, times[1:])):
-                problems.append(f"unfreeze events must be listed in time order ({unit} values {times} are not increasing)")
+        _fields.coerce(self)
+        problems = _fields.problems(self)
         if self.adapter is not None and self.unfreeze:
             problems.append("an adapter keeps the pretrained weights frozen and trains adapters instead, so it takes "
                             f"no unfreeze schedule (got {[u.to_string() for u in self.unfreeze]}); choose one")
         if problems:
             raise FreezePolicyError("invalid FreezePolicy: " + "; ".join(problems))
 
-    # ----------------------------------------------------------------- serialisation
     @property
     def needs_param_groups(self) -> bool:
         """True when per-group learning rates are needed (unfreeze lr_scale != 1 or layer_lr_decay)."""
         decay = self.layer_lr_decay is not None and self.layer_lr_decay != 1.0
         return decay or any(u.lr_scale != 1.0 for u in self.unfreeze)
 
+    # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        d = {"version": POLICY_VERSION, "freeze": self.freeze, "train_bn": self.train_bn,
-             "unfreeze": [u.to_dict() for u in self.unfreeze], "layer_lr_decay": self.layer_lr_decay,
-             "verify": self.verify, "unfreeze_bn": self.unfreeze_bn}
-        if self.adapter is not None:
-            d["adapter"] = self.adapter.to_dict()
-        return d
+        return {"version": POLICY_VERSION, **_fields.to_dict(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> FreezePolicy:
@@ -213,27 +237,13 @@ class FreezePolicy:
         version = data.pop("version", POLICY_VERSION)
         if version != POLICY_VERSION:
             raise FreezePolicyError(f"freeze policy version {version!r} is not supported (this hf_freeze reads {POLICY_VERSION})")
-        return _from_dict(cls, data, "FreezePolicy")
+        return _fields.from_fields(cls, data, "FreezePolicy")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_string(self) -> str:
-        f = self.freeze
-        parts = [f"freeze={f if not isinstance(f, list) else ','.join(f)}"]
-        if self.train_bn:
-            parts.append("train_bn=true")
-        if self.unfreeze:
-            parts.append("unfreeze=" + ",".join(u.to_string() for u in self.unfreeze))
-        if self.unfreeze_bn:
-            parts.append("unfreeze_bn=true")
-        if self.layer_lr_decay is not None:
-            parts.append(f"layer_lr_decay={_num(self.layer_lr_decay)}")
-        if not self.verify:
-            parts.append("verify=false")
-        if self.adapter is not None:
-            parts.append(f"adapter={self.adapter.to_string()}")
-        return ";".join(parts)
+        return ";".join(f"{key}={value}" for key, value in _fields.string_items(self))
 
     __str__ = to_string
 
@@ -242,16 +252,13 @@ class FreezePolicy:
         text = text.strip()
         if "=" not in text:
             return cls(freeze=text)
-        kwargs: dict[str, Any] = {}
+        items = []
         for part in filter(None, (p.strip() for p in text.split(";"))):
             key, sep, value = part.partition("=")
-            key = key.strip()
             if not sep:
                 raise FreezePolicyError(f"cannot parse {part!r} in policy string {text!r}: expected key=value")
-            if key in kwargs:
-                raise FreezePolicyError(f"policy string {text!r} gives {key!r} twice")
-            kwargs[key] = _parse_field(key, value.strip())
-        return _from_dict(cls, kwargs, "policy string")
+            items.append((key.strip(), value.strip()))
+        return _fields.from_fields(cls, _fields.parse_items(cls, items, f"policy string {text!r}"), "policy string")
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         path = Path(directory)
@@ -280,51 +287,10 @@ class FreezePolicy:
             return cls.from_dict(value)
         if isinstance(value, str):
             return cls.from_string(value)
-        if _is_int(value) or isinstance(value, (list, tuple)):
+        if is_int(value) or isinstance(value, (list, tuple)):
             return cls(freeze=value)  # shorthand for the freeze field
         raise FreezePolicyError(f"expected a FreezePolicy, dict, policy string, int or list of selectors, "
                                 f"got {type(value).__name__}")
-
-
-def _parse_freeze_string(text: str) -> str | int | list[str]:
-    text = text.strip()
-    if text in ("backbone", "none"):
-        return text
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return [s.strip() for s in text.split(",")]
-
-
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _parse_field(key: str, value: str) -> Any:
-    if key == "freeze":
-        return value
-    if key in ("train_bn", "verify", "unfreeze_bn"):
-        if value.lower() not in _TRUE | _FALSE:
-            raise FreezePolicyError(f"{key}={value!r}: expected true or false")
-        return value.lower() in _TRUE
-    if key == "unfreeze":
-        return [Unfreeze.from_string(v) for v in value.split(",") if v.strip()]
-    if key == "layer_lr_decay":
-        if value.lower() in ("none", ""):
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            raise FreezePolicyError(f"layer_lr_decay={value!r}: expected a number in (0, 1]") from None
-    if key == "adapter":
-        return None if value.lower() in ("none", "") else AdapterConfig.from_string(value)
-    return value  # unknown keys are reported by _from_dict
-
-
-def _from_dict(cls, data: dict, what: str):
-    valid = [f for f in cls.__dataclass_fields__]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise FreezePolicyError(f"unknown {what} field(s) {unknown}; valid fields: {valid}")
-    return cls(**data)
 
 
 __getattr__ = moved_names(__name__, dict.fromkeys(
