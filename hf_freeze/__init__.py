@@ -25,7 +25,7 @@ _EXPORTS = {
     "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "UnsupportedModelError": "errors",
     # Trainer integration
     "FreezeCallback": "callback", "FreezeTrainer": "trainer", "FreezeTrainerMixin": "trainer",
-    "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "trainer",
+    "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "policy",
     "FreezeSearchSpace": "search", "SearchResult": "search", "search_freeze_policies": "search",
     # adapters
     "AdapterConfig": "adapter_config", "AdapterPlan": "adapter_plan", "add_adapter": "adapters", "load_adapter": "adapters",
@@ -71,8 +71,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed i
     from .hub import PushFailed, push_folder
     from .model_card import CardConfig, render_model_card, write_model_card
     from .plan import FreezePlan, resolve
-    from .policy import FreezePolicy, Unfreeze
+    from .policy import FreezePolicy, Unfreeze, policy_from_pretrained
     from .report import FreezeReport, freeze_report
     from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
     from .state import get_state
-    from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained
+    from .trainer import FreezeTrainer, FreezeTrainerMixin

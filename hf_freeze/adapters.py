@@ -22,6 +22,7 @@ from ._compat import moved_names
 from .adapter_plan import resolve_adapter
 from .apply import apply_policy, remove_policy
 from .errors import FreezePolicyError
+from .folder import POLICY_FILE, write_policy
 from .groups import layer_groups
 from .names import peft_wrappers, unwrap_model
 from .plan import resolve
@@ -90,7 +91,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, is_trainable: b
 
     policy = FreezePolicy.from_pretrained(folder)
     if policy.adapter is None:
-        raise FreezePolicyError(f"{Path(folder) / 'freeze_policy.json'} describes no adapter ({policy.to_string()!r})")
+        raise FreezePolicyError(f"{Path(folder) / POLICY_FILE} describes no adapter ({policy.to_string()!r})")
     base = unwrap_model(model)
     groups = layer_groups(base)
     resolve_adapter(policy, groups, resolve(policy, groups), base)  # the folder fits this base model
@@ -106,7 +107,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
         raise TypeError(f"save_adapter needs the peft.PeftModel (from hf_freeze.add_adapter), got {type(model).__name__}")
     policy = require_state(model).policy
     model.save_pretrained(str(folder))
-    policy.save_pretrained(folder)
+    write_policy(folder, policy)
     return Path(folder)
 
 

@@ -27,6 +27,7 @@ from ._logging import get_logger
 from .apply import apply_policy, rewind_events, set_frozen, unfreeze_groups, verify_frozen
 from .distributed import check_backend
 from .errors import FreezePolicyError
+from .folder import checkpoint_kind, record_in_config, write_policy
 from .groups import layer_groups
 from .names import unwrap_model
 from .param_groups import ever_trainable
@@ -36,7 +37,6 @@ from .report import freeze_report
 from .state import get_state, save_policy_with
 
 logger = get_logger(__name__)
-CONFIG_KEY = "freeze_policy"
 
 
 class FreezeCallback(TrainerCallback):
@@ -83,9 +83,7 @@ class FreezeCallback(TrainerCallback):
             # image classifiers return a mean loss; the Trainer would multiply it by the world size
             logger.warning("hf_freeze: setting average_tokens_across_devices=False (image classifiers return a mean loss)")
             args.average_tokens_across_devices = False
-        config = getattr(model, "config", None)
-        if config is not None:
-            setattr(config, CONFIG_KEY, self.policy.to_dict())
+        record_in_config(getattr(model, "config", None), self.policy)
         for m in {id(outer): outer, id(model): model}.values():
             save_policy_with(m)
         future = ever_trainable(state) & state.frozen
@@ -183,7 +181,7 @@ class FreezeCallback(TrainerCallback):
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(checkpoint) and state.is_world_process_zero:
-            self.policy.save_pretrained(checkpoint)
+            write_policy(checkpoint, self.policy)
         if self.policy.verify:
             verify_frozen(model, f"when saving checkpoint-{state.global_step}")
 
@@ -216,8 +214,6 @@ class FreezeCallback(TrainerCallback):
 
 
 def _has_weights(folder) -> bool:
-    from .hub import checkpoint_kind
-
     try:
         checkpoint_kind(folder)
     except FileNotFoundError:
@@ -250,4 +246,4 @@ def _remove_if_new_and_empty(folder, since: float) -> None:
         pass
 
 
-__getattr__ = moved_names(__name__, {"saves_policy": "state"})
+__getattr__ = moved_names(__name__, {"saves_policy": "state", "CONFIG_KEY": "folder"})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .checks import did_you_mean, model_source_problem, unknown_choice
 from .errors import FreezePolicyError, UnsupportedModelError
+from .folder import POLICY_FILE
 
 DEBUG_ENV = "HF_FREEZE_DEBUG"
 SEARCH_FREEZE = ("backbone", "half")
@@ -269,8 +270,8 @@ def _search(args) -> int:
     result = search_freeze_policies(trainer, n_trials=args.n_trials, space=space, seed=args.seed)
     out = result.save(args.output_dir)
     print(result.to_markdown())
-    print(f"best policy: {result.best_policy.to_string()}  -> {out / 'freeze_policy.json'} "
-          f"(train with --freeze_policy_file {out / 'freeze_policy.json'})")
+    print(f"best policy: {result.best_policy.to_string()}  -> {out / POLICY_FILE} "
+          f"(train with --freeze_policy_file {out / POLICY_FILE})")
     return 0
 
 

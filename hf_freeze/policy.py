@@ -24,13 +24,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _fields
+from . import _fields, folder
 from ._compat import moved_names
 from ._fields import BOOL, Syntax, declare, is_int, is_number, num
 from .adapter_config import AdapterConfig
 from .errors import FreezePolicyError
 
-POLICY_FILE = "freeze_policy.json"
 POLICY_VERSION = 1
 
 
@@ -261,21 +260,13 @@ class FreezePolicy:
         return _fields.from_fields(cls, _fields.parse_items(cls, items, f"policy string {text!r}"), "policy string")
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        out = path / POLICY_FILE
-        out.write_text(self.to_json() + "\n")
-        return out
+        """Write ``freeze_policy.json`` into ``directory``."""
+        return folder.write_policy(directory, self)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> FreezePolicy:
         """Read ``freeze_policy.json`` from a directory (or the file itself)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / POLICY_FILE
-        if not p.is_file():
-            raise FileNotFoundError(f"no {POLICY_FILE} at {path}")
-        return cls.from_dict(json.loads(p.read_text()))
+        return cls.from_dict(folder.policy_dict(path))
 
     @classmethod
     def coerce(cls, value: FreezePolicy | dict | str | None) -> FreezePolicy:
@@ -293,5 +284,10 @@ class FreezePolicy:
                                 f"got {type(value).__name__}")
 
 
-__getattr__ = moved_names(__name__, dict.fromkeys(
-    ("UnfreezeStep", "Timing", "FreezePlan", "select_params", "MAX_ORDERS", "firing_orders", "resolve"), "plan"))
+def policy_from_pretrained(path: str | os.PathLike) -> FreezePolicy:
+    """The policy saved with a model folder (``freeze_policy.json``, else ``config.json``'s ``freeze_policy``)."""
+    return FreezePolicy.from_dict(folder.recorded_policy_dict(path))
+
+
+__getattr__ = moved_names(__name__, {"POLICY_FILE": "folder", **dict.fromkeys(
+    ("UnfreezeStep", "Timing", "FreezePlan", "select_params", "MAX_ORDERS", "firing_orders", "resolve"), "plan")})

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .fingerprint import Fingerprint
+from .folder import write_policy
 from .names import ModelNames, unwrap_model
 
 if TYPE_CHECKING:  # annotations only
@@ -92,7 +93,7 @@ def _save_pretrained_with_policy(model, save_directory, *args, **kwargs):
     out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
     state = get_state(model)
     if state is not None and kwargs.get("is_main_process", True):
-        state.policy.save_pretrained(save_directory)
+        write_policy(save_directory, state.policy)
     return out
 
 
