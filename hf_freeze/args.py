@@ -127,6 +127,14 @@ class FreezeArguments:
         return AdapterConfig.from_dict({**config.to_dict(), **flags})
 
 
+def policy_from_fields(args, params: dict) -> FreezePolicy | None:
+    """The policy of ``args``' freeze fields with ``params`` (a trial's FreezeArguments values) put over them."""
+    if not isinstance(args, FreezeArguments):
+        return None
+    values = {f.name: params.get(f.name, getattr(args, f.name)) for f in fields(FreezeArguments)}
+    return FreezeArguments(**values).freeze_policy()
+
+
 @dataclass
 class DeltaArguments:
     """Save (and push) only the trained tensors plus a reference to the base model (see ``hf_freeze.delta``)."""

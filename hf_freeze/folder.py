@@ -49,6 +49,12 @@ def record_in_config(config, policy) -> None:
         setattr(config, CONFIG_KEY, policy.to_dict())
 
 
+def policy_in_config(config) -> dict | None:
+    """The policy dict a model config records (None: it records none)."""
+    recorded = getattr(config, CONFIG_KEY, None)
+    return recorded if isinstance(recorded, dict) else None
+
+
 def policy_dict(path: str | os.PathLike) -> dict:
     """The dict in ``freeze_policy.json`` of a folder (or the file itself)."""
     p = Path(path)

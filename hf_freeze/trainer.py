@@ -14,6 +14,7 @@ from . import feature_cache as fc
 from ._compat import moved_names
 from ._logging import get_logger
 from .adapters import add_adapter
+from .args import policy_from_fields
 from .callback import FreezeCallback
 from .checkpoints import last_complete_checkpoint
 from .delta import apply_delta, apply_delta_restoring_base, save_adapter_base, save_delta
@@ -21,13 +22,13 @@ from .distributed import check_model_data
 from .errors import FreezePolicyError
 from .folder import (
     ADAPTER_BASE,
-    CONFIG_KEY,
     DELTA_MANIFEST,
     DELTA_WEIGHTS,
     FULL_WEIGHTS,
     TRAVELS,
     has_full_weights,
     is_delta,
+    policy_in_config,
     record_in_config,
     remove_weights,
     write_policy,
@@ -264,22 +265,8 @@ def _pick_policy(explicit, training_args, model) -> FreezePolicy:
     policy = from_args() if callable(from_args) else None
     if policy is not None:
         return policy
-    recorded = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if isinstance(recorded, dict):
-        return FreezePolicy.from_dict(recorded)
-    return FreezePolicy()
-
-
-def policy_from_fields(args, params: dict) -> FreezePolicy | None:
-    """The policy of ``args``' freeze fields with ``params`` (a trial's FreezeArguments values) put over them."""
-    from dataclasses import fields
-
-    from .args import FreezeArguments
-
-    if not isinstance(args, FreezeArguments):
-        return None
-    values = {f.name: params.get(f.name, getattr(args, f.name)) for f in fields(FreezeArguments)}
-    return FreezeArguments(**values).freeze_policy()
+    recorded = policy_in_config(getattr(model, "config", None))
+    return FreezePolicy() if recorded is None else FreezePolicy.from_dict(recorded)
 
 
 __getattr__ = moved_names(__name__, {"policy_from_pretrained": "policy"})
