@@ -213,6 +213,17 @@ def _sharded_digests(sharded: Mapping[str, torch.Tensor], local_verdict) -> tupl
     return found, sorted({n for v in verdicts for n in v})
 
 
+def combined(named: Mapping[str, str], *parts: object) -> str:
+    """One BLAKE2b-128 over ``parts`` and the named digests in name order: what a set of tensors (and whatever else
+    ``parts`` say they depend on) is identified by, e.g. :meth:`Fingerprint.combined` or a feature-cache key."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(f"{part};".encode())
+    for n in sorted(named):
+        h.update(f"{n}={named[n]};".encode())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- models
 def named_tensors(model: nn.Module, names: ModelNames | None = None) -> dict[str, torch.Tensor]:
     """Parameters and buffers by name; inside a PEFT-wrapped model, the pretrained ones under their unwrapped names
@@ -345,10 +356,7 @@ class Fingerprint:
 
     def combined(self) -> str:
         """One digest over all tensors (order-independent of insertion), for model cards and delta checkpoints."""
-        h = hashlib.blake2b(digest_size=16)
-        for n in sorted(self.digests):
-            h.update(f"{n}={self.digests[n]};".encode())
-        return h.hexdigest()
+        return combined(self.digests)
 
     def __len__(self) -> int:
         return len(self.digests)
