@@ -51,7 +51,7 @@ def _scalar(text: str) -> bool | int | float | str:
 
 def _peft_class(method: str):
     try:
-        import peft
+        import peft  # optional dependency: only adapters need it
     except ImportError:
         raise FreezePolicyError("adapters need the peft package: pip install 'hf_freeze[peft]'") from None
     return getattr(peft, METHODS[method][0])

@@ -252,6 +252,7 @@ def apply_delta(model: nn.Module, folder: str | os.PathLike, manifest: DeltaMani
         raise ValueError(f"{folder}: {DELTA_WEIGHTS} does not hold the tensors its manifest lists")
     if any(is_sharded(t) for t in model.state_dict().values()):
         # FSDP2: every rank read the full delta; torch scatters it into the local shards
+        # only a sharded model gets here: torch.distributed.checkpoint takes seconds to import
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))

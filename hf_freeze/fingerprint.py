@@ -44,7 +44,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+try:  # a torch built without distributed support has no DTensor: nothing can be sharded then
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover
+    DTensor = None
 
 from .errors import FreezePolicyError
 from .names import BASE, ModelNames, peft_wrappers, split_peft_name, unwrap_model
@@ -84,9 +91,7 @@ def _meta_digest(t: torch.Tensor) -> str:
 
 
 def is_sharded(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -126,9 +131,6 @@ def digests(tensors: Mapping[str, torch.Tensor], scheme: int = SCHEME) -> dict[s
 
 def _piece(t) -> tuple[tuple, int, memoryview] | None:
     """(replica key, byte offset, bytes) of this rank's shard of ``t``; None if it is not one contiguous range."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     mesh, placements = t.device_mesh, t.placements
     if not all(isinstance(p, Replicate) or type(p) is Shard and p.dim == 0 for p in placements):
         return None
@@ -185,8 +187,6 @@ def _sharded_digests(sharded: Mapping[str, torch.Tensor], local_verdict) -> tupl
     ``local_verdict(digests)`` runs on every rank once the digests are known and returns names (e.g. the
     plain tensors that changed on that rank); the union comes back on every rank. Two collectives.
     """
-    import torch.distributed as dist
-
     names = sorted(sharded)
     pieces, fallback = {}, {}
     for n in names:  # same order on every rank: full_tensor() is a collective
@@ -322,8 +322,6 @@ class Fingerprint:
         sharded = {n: tensors[n] for n in self.digests if n in tensors and is_sharded(tensors[n])}
         reference = self.digests
         if sharded and self.scheme != 1:
-            import torch.distributed as dist
-
             # rank 0's reference: with accelerate's cpu_ram_efficient_loading only rank 0 held real weights at apply
             box = [dict(self.digests)] if dist.get_rank() == 0 else [None]
             dist.broadcast_object_list(box, src=0)

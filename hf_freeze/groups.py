@@ -178,7 +178,7 @@ def discover_layout(model: nn.Module) -> Layout:
 
 def _timm_keys(model: nn.Module, order: list[str]) -> list[str | int]:
     """Keys for TimmWrapperForImageClassification from timm's ``group_matcher(coarse=True)``."""
-    from timm.models._manipulate import group_with_matcher
+    from timm.models._manipulate import group_with_matcher  # optional dependency: only timm models get here
 
     timm_model = model.timm_model
     matcher = timm_model.group_matcher(coarse=True)

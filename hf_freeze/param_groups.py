@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from transformers.trainer_pt_utils import get_parameter_names
 
 from .adapter_plan import adapter_params_by_group
 
@@ -20,8 +21,6 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _NormBase)
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names that get weight decay: not biases, not any normalisation layer (BatchNorm included, by type)."""
-    from transformers.trainer_pt_utils import get_parameter_names
-
     return set(get_parameter_names(model, list(NORM_TYPES), NO_DECAY_PATTERNS))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
@@ -204,8 +205,6 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
         """
         if not self.is_world_process_zero():
             return
-        from transformers.modelcard import extract_hyperparameters_from_trainer
-
         dataset = dataset if dataset is not None else dataset_tags
         config = CardConfig(
             model_name=model_name, repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
