@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from shared_data import fashion_mnist, few_shot_indices, shared_dir
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 import hf_freeze
 from hf_freeze.names import named_base_tensors
-from hf_freeze.testing import fashion_mnist, few_shot_indices, shared_dir
 
 #: method -> (freeze policy, learning rate)
 POLICIES = {
