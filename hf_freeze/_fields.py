@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
@@ -184,3 +185,30 @@ def _bool_problem(key: str, value: Any) -> str | None:
 
 
 BOOL = Syntax(_parse_bool, show=lambda v: str(v).lower(), problem=_bool_problem, flag_type=bool)
+
+
+def keyword_count_or_names(keywords: tuple[str, ...], sep: str, minimum: int, *, count: str, names: str,
+                           expected: str) -> Syntax:
+    """A value that is one of ``keywords``, a count N >= ``minimum``, or a list of names (joined by ``sep`` in the
+    string form). ``count``, ``names``, ``expected``: what the messages say about a bad count, a bad list, the rest."""
+
+    def parse(key: str, text: str):
+        text = text.strip()
+        if text in keywords:
+            return text
+        if re.fullmatch(r"-?\d+", text):
+            return int(text)
+        return [s.strip() for s in text.split(sep)]
+
+    def coerce(value):
+        value = list(value) if isinstance(value, tuple) else value
+        return parse("", value) if isinstance(value, str) else value
+
+    def problem(key: str, value) -> str | None:
+        if is_int(value):
+            return f"{key}={value}: {count} must be >= {minimum}" if value < minimum else None
+        if isinstance(value, list):
+            return None if value and all(isinstance(s, str) and s.strip() for s in value) else f"{key}={value!r}: {names}"
+        return None if value in keywords else f"{key}={value!r}: expected {expected}"
+
+    return Syntax(parse, show=lambda v: sep.join(v) if isinstance(v, list) else str(v), problem=problem, coerce=coerce)

@@ -17,13 +17,12 @@ config (scalars only).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from . import _fields
-from ._fields import Syntax, declare, is_int, is_number, num
+from ._fields import Syntax, declare, is_int, is_number, keyword_count_or_names, num
 from .checks import did_you_mean
 from .errors import FreezePolicyError
 
@@ -70,24 +69,6 @@ def _method_problem(key: str, method) -> str | None:
     return None
 
 
-def _coerce_groups(value):
-    value = list(value) if isinstance(value, tuple) else value
-    return _parse_groups(value) if isinstance(value, str) else value
-
-
-def _groups_problem(key: str, g) -> str | None:
-    if is_int(g):
-        return f"groups={g}: the number of groups before the head must be >= 1" if g < 1 else None
-    if isinstance(g, list):
-        if not g or not all(isinstance(s, str) and s.strip() for s in g):
-            return f"groups={g!r}: a list of group names/ranges must hold non-empty strings"
-        return None
-    if g != "backbone":
-        return (f"groups={g!r}: expected 'backbone', an int N (the last N groups before the head) or "
-                "a list of group names and ranges such as ['stage.2', 'stage.3'] or ['stage.2:neck']")
-    return None
-
-
 def _bounded(test: Callable[[Any], bool], expected: str) -> Callable[[str, Any], str | None]:
     return lambda key, value: None if test(value) else f"{key} must be {expected}, got {value!r}"
 
@@ -98,8 +79,11 @@ ALPHA = Syntax(_parse_number, show=num, problem=_bounded(lambda a: is_number(a) 
                flag_type=float)
 DROPOUT = Syntax(_parse_number, show=num, problem=_bounded(lambda d: is_number(d) and 0 <= d < 1, "in [0, 1)"),
                  flag_type=float)
-GROUPS = Syntax(lambda key, text: _parse_groups(text), show=lambda g: str(g) if is_int(g) else "+".join(g),
-                problem=_groups_problem, coerce=_coerce_groups)
+GROUPS = keyword_count_or_names(
+    ("backbone",), "+", 1, count="the number of groups before the head",
+    names="a list of group names/ranges must hold non-empty strings",
+    expected="'backbone', an int N (the last N groups before the head) or a list of group names and ranges such as "
+             "['stage.2', 'stage.3'] or ['stage.2:neck']")
 OPTIONS = Syntax(lambda key, text: text, to_json=dict)
 
 
@@ -222,12 +206,3 @@ class AdapterConfig:
         return _peft_class(self.method)(r=self.r, **{alpha_field: self.alpha, dropout_field: self.dropout},
                                         target_modules=target_modules, modules_to_save=modules_to_save,
                                         **self.options)
-
-
-def _parse_groups(text: str) -> str | int | list[str]:
-    text = text.strip()
-    if text == "backbone":
-        return text
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return [s.strip() for s in text.split("+")]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import _fields, folder
 from ._compat import moved_names
-from ._fields import BOOL, Syntax, declare, is_int, is_number, num
+from ._fields import BOOL, Syntax, declare, is_int, is_number, keyword_count_or_names, num
 from .adapter_config import AdapterConfig
 from .errors import FreezePolicyError
 
@@ -97,36 +97,12 @@ class Unfreeze:
 
 
 # --------------------------------------------------------------------------- how each field is written
-def _parse_freeze_string(text: str) -> str | int | list[str]:
-    text = text.strip()
-    if text in ("backbone", "none"):
-        return text
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return [s.strip() for s in text.split(",")]
-
-
-def _coerce_freeze(value):
-    value = list(value) if isinstance(value, tuple) else value
-    return _parse_freeze_string(value) if isinstance(value, str) else value
-
-
-def _freeze_problem(key: str, f) -> str | None:
-    if is_int(f):
-        return f"freeze={f}: the number of groups to freeze must be >= 0" if f < 0 else None
-    if isinstance(f, list):
-        if not f or not all(isinstance(s, str) and s.strip() for s in f):
-            return (f"freeze={f!r}: a list of freeze selectors must be non-empty strings "
-                    "(group names, ranges like 'stem:stage.2', or parameter globs)")
-        return None
-    if f not in ("backbone", "none"):
-        return (f"freeze={f!r}: expected 'backbone', 'none', an int N (the first N groups) or a list "
-                "of group names, ranges ('stem:stage.2') and parameter-name globs ('*.bn*')")
-    return None
-
-
-FREEZE = Syntax(lambda key, text: text, show=lambda f: ",".join(f) if isinstance(f, list) else str(f),
-                problem=_freeze_problem, coerce=_coerce_freeze)
+FREEZE = keyword_count_or_names(
+    ("backbone", "none"), ",", 0, count="the number of groups to freeze",
+    names="a list of freeze selectors must be non-empty strings (group names, ranges like 'stem:stage.2', or parameter "
+          "globs)",
+    expected="'backbone', 'none', an int N (the first N groups) or a list of group names, ranges ('stem:stage.2') and "
+             "parameter-name globs ('*.bn*')")
 
 
 def _coerce_events(value) -> list[Unfreeze]:
