@@ -9,6 +9,8 @@ input; 64 px for hiera, levit, mobilevitv2). Importing this module loads neither
 
 from __future__ import annotations
 
+from ._compat import moved_names
+
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8)
 CLIPV = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8)
 TXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
@@ -94,3 +96,6 @@ def tiny_model(model_type: str, num_labels: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(model_type, num_labels)
     return classifier_class(config)(config)
+
+
+__getattr__ = moved_names(__name__, {"image_classifier_class_names": "loading"})
