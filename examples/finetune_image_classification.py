@@ -403,6 +403,9 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(log_level)  # hf_freeze's messages follow it
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    # transformers lets its records reach the root logger too when the CI variable is set (CI=true on most CI
+    # machines): with the root handler above, every line would print twice
+    transformers.utils.logging.disable_propagation()
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, training_args: FreezeTrainingArguments):

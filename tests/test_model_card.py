@@ -125,3 +125,20 @@ def test_unknown_template_names_the_built_in_ones(tmp_path):
     own.write_text("---\n{{ card_data }}\n---\n# {{ model_name }}: {{ trainable_params }} of {{ total_params }}\n")
     card = write_model_card(model, tmp_path / "o", CardConfig(model_name="m", template=str(own)))
     assert card.text.strip() == f"# m: {sum(p.numel() for p in model.parameters())} of {sum(p.numel() for p in model.parameters())}"
+
+
+def test_the_templates_live_once_in_model_cards_and_the_package_reads_them():
+    """``model_cards/`` at the top of the repository is the templates' one home; the package's
+    ``hf_freeze/model_cards`` is a link to it (a wheel holds the files themselves), so the card renders from it."""
+    from pathlib import Path
+
+    from hf_freeze.model_card import TEMPLATES
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "model_cards").is_dir():
+        pytest.skip("an installed hf_freeze without the source tree")
+    assert TEMPLATES.resolve() == (root / "model_cards").resolve()
+    templates = sorted(p.name for p in (root / "model_cards").glob("*.md"))
+    assert "model_card.md" in templates
+    copies = [p for p in (root / "hf_freeze").rglob("*.md") if p.resolve().parent != (root / "model_cards").resolve()]
+    assert not [p for p in copies if p.name in templates], copies
