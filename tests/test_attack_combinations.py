@@ -90,6 +90,25 @@ def test_resume_on_the_same_trainer_object_equals_the_uninterrupted_run(base_dir
     assert differing(tensors(t.model), tensors(ref.model)) == []
 
 
+def test_plain_trainer_resumed_on_the_same_object_equals_the_uninterrupted_run(base_dir, tmp_path):
+    """FreezeCallback on a plain Trainer: its on_train_begin drops the interrupted run's fired events and log too."""
+    from transformers import Trainer
+
+    def plain(out, *callbacks, **kw):
+        return Trainer(model=load_base(base_dir), args=training_args(out, logging_steps=100, **kw),
+                       train_dataset=TinyImages(n=32), callbacks=[hf_freeze.FreezeCallback(SCHEDULE), *callbacks])
+
+    ref = plain(tmp_path / "ref")
+    ref.train()
+    t = plain(tmp_path / "run", StopAt(5), save_strategy="steps", save_steps=2)
+    t.train()
+    _drop(t, StopAt)
+    t.train(resume_from_checkpoint=str(tmp_path / "run" / "out" / "checkpoint-2"))
+    assert differing(tensors(t.model), tensors(ref.model)) == []
+    callback = next(c for c in t.callback_handler.callbacks if isinstance(c, hf_freeze.FreezeCallback))
+    assert [(e["step"], e["resumed"]) for e in callback.events_log] == [(3, False)]
+
+
 class _Record(TrainerCallback):
     def __init__(self):
         self.at_begin = None
