@@ -423,9 +423,11 @@ def test_first_of_two_trainers_on_one_model_trains_its_own_policy(base_dir, tmp_
 def test_resume_with_another_policy_than_the_checkpoint_is_refused_naming_both(base_dir, tmp_path, policy):
     make(base_dir, tmp_path, SCHEDULE, save_strategy="steps", save_steps=2, callbacks=[StopAt(5)]).train()
     t = make(base_dir, tmp_path, policy, save_strategy="steps", save_steps=2)
+    before, state = tensors(t.model), hf_freeze.get_state(t.model)
     with pytest.raises((FreezePolicyError, ValueError)) as e:
         t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
-    assert "polic" in str(e.value)
+    assert repr(t.freeze_policy.to_string()) in str(e.value) and repr(SCHEDULE) in str(e.value)
+    assert differing(tensors(t.model), before) == [] and hf_freeze.get_state(t.model) is state  # nothing loaded
 
 
 # ----------------------------------------------------------------------------------------------- more combinations that hold
