@@ -215,6 +215,21 @@ def rewind_events(model: nn.Module, fired: int) -> list[str]:
     return groups
 
 
+def restart_policy(model: nn.Module) -> None:
+    """Put the policy state back to where :func:`apply_policy` left it: no event fired, nothing unfrozen, the frozen
+    tensors expected bit-identical to the weights the policy was applied to (their fingerprint of then, not of now).
+
+    Used when a run resumes from a checkpoint on the model of an earlier run: the checkpoint then brings the
+    weights, and its events fire again as due (a fresh process applying the policy to the base model is the same).
+    """
+    model = unwrap_model(model)
+    state = require_state(model)
+    state.plan = resolve(state.policy, state.groups)  # timing-dependent orders are resolved again by the run
+    state.unfrozen.clear()
+    state.events_done = 0
+    set_frozen(model, state.plan.frozen_params, refingerprint=False)
+
+
 def remove_policy(model: nn.Module) -> None:
     """Undo :func:`apply_policy`: original ``requires_grad`` flags and normal BatchNorm behaviour.
 

@@ -4,10 +4,14 @@ Lifecycle (transformers 5.x ``Trainer.train``): ``__init__`` -> on_init_end -> c
 accelerator.prepare (DDP wrap) -> create_scheduler -> (load optimizer state when resuming) ->
 on_train_begin -> steps ...
 
-* on_init_end: apply the policy; groups a schedule will unfreeze are made trainable *for now*, so the
-  optimizer and the DDP reducer register them.
-* on_train_begin: fire the events already due (a resumed run), then freeze what is still frozen: no
-  gradient, no backward pass through the frozen prefix. Log the trainable parameter count.
+* on_init_end: apply the policy; with a plain Trainer, groups a schedule will unfreeze are made trainable
+  *for now*, so the optimizer and the DDP reducer register them (``FreezeTrainer`` builds its optimizer from the
+  policy and opens them only when ``train()`` starts: after construction the model is as its report says).
+* train() start (``FreezeTrainer``, :meth:`FreezeCallback.start_run`): per-run state from the policy, and when
+  resuming from the checkpoint only; nothing of an earlier ``train()`` of the same trainer or model survives.
+* on_train_begin: forget an earlier run's events log (a plain Trainer's second ``train()``), fire the events
+  already due (a resumed run), then freeze what is still frozen: no gradient, no backward pass through the
+  frozen prefix. Log the trainable parameter count.
 * on_step_begin: fire events at their epoch/step boundary (the very next update trains them).
 * on_save / on_train_end: verify the still-frozen tensors bit for bit (``FrozenWeightsChanged``).
 """
@@ -24,7 +28,7 @@ from transformers import TrainerCallback
 
 from ._compat import moved_names
 from ._logging import get_logger
-from .apply import apply_policy, rewind_events, set_frozen, unfreeze_groups, verify_frozen
+from .apply import apply_policy, restart_policy, rewind_events, set_frozen, unfreeze_groups, verify_frozen
 from .distributed import check_backend
 from .errors import FreezePolicyError
 from .folder import checkpoint_kind, record_in_config, write_policy
@@ -68,8 +72,9 @@ class FreezeCallback(TrainerCallback):
         self.after_saved: tuple[int, list[dict]] | None = None
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, model, args) -> None:
-        """Apply the policy (idempotent) and open the future groups for optimizer/DDP registration."""
+    def setup(self, model, args, *, open_future: bool = True) -> None:
+        """Apply the policy (idempotent: again only when the model carries another policy or fired events) and, with
+        ``open_future``, open the future groups for optimizer/DDP registration."""
         check_backend(args, self.policy, model)
         outer, model = model, unwrap_model(model)
         state = get_state(model)
@@ -86,10 +91,35 @@ class FreezeCallback(TrainerCallback):
         record_in_config(getattr(model, "config", None), self.policy)
         for m in {id(outer): outer, id(model): model}.values():
             save_policy_with(m)
+        if not open_future:
+            return
         future = ever_trainable(state) & state.frozen
         for n, p in model.named_parameters():
             if n in future:
                 p.requires_grad_(True)
+
+    def start_run(self, model, args, *, resumed: bool, open_future: bool = True) -> None:
+        """Begin a ``train()``: per-run state comes from the policy, and when resuming from the checkpoint only.
+
+        The events log, the unfreeze count, a load-best rewind and the step counting of an earlier ``train()`` of
+        this callback are dropped. On ``model``: resuming with the policy it already carries puts that policy's state
+        back as applied (:func:`hf_freeze.apply.restart_policy`; the checkpoint the Trainer loads next brings the
+        weights, its due events fire again at on_train_begin, as in a fresh process); otherwise the policy is applied
+        again, to the current weights, when the model carries another policy (a second trainer built on it) or
+        events an earlier run fired.
+        """
+        self._reset_run_log()
+        self.timing = None
+        if model is None:  # model_init: the run's model is built later (and set up then)
+            return
+        model = unwrap_model(model)
+        state = get_state(model)
+        if resumed and state is not None and state.policy == self.policy and state.events_done:
+            restart_policy(model)
+        self.setup(model, args, open_future=open_future)
+
+    def _reset_run_log(self) -> None:
+        self.events_log, self.after_saved, self.pending_logs = [], None, {}
 
     def set_timing(self, model, timing: Timing | None) -> None:
         """Record how the run counts steps; a plan whose mixed step/epoch events depend on it is resolved again.
@@ -115,7 +145,7 @@ class FreezeCallback(TrainerCallback):
         if model is None:
             return
         try:
-            self.setup(model, args)
+            self.setup(model, args, open_future=self._standalone)  # FreezeTrainer opens them when train() starts
         except FreezePolicyError:
             if self._standalone and getattr(args, "should_save", False):
                 _remove_if_new_and_empty(args.output_dir, self._created_at)
@@ -124,10 +154,13 @@ class FreezeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._log_level = logging.INFO if getattr(args, "should_log", True) else logging.DEBUG  # main process only
         model = unwrap_model(model)
+        self._reset_run_log()
         fstate = get_state(model)
         if fstate is None:  # model_init replaced the model, or setup was never run
             self.setup(model, args)
-            fstate = get_state(model)
+        elif fstate.events_done:  # left by an earlier train() (a plain Trainer's; FreezeTrainer starts each run clean)
+            self.start_run(model, args, resumed=state.global_step > 0, open_future=False)
+        fstate = get_state(model)
         self.set_timing(model, self.timing or timing_of(args, kwargs.get("train_dataloader")))
         self._fire_due(model, state, resumed=state.global_step > 0)
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .folder import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS
+from .errors import FreezePolicyError
+from .folder import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS, recorded_policy_dict
+from .policy import FreezePolicy
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -104,6 +106,25 @@ def checkpoint_problem(folder: str | os.PathLike, needs_optimizer: bool = True) 
         if problem:
             return problem
     return None
+
+
+def check_resume_policy(checkpoint: str | os.PathLike, policy: FreezePolicy) -> None:
+    """Refuse (FreezePolicyError naming both) to resume from ``checkpoint`` with another ``policy`` than it was saved
+    with (its ``freeze_policy.json``, else ``config.json``'s ``freeze_policy``; a folder that records none passes).
+
+    Another frozen set or schedule gives the optimizer another parameter layout, another LR scale trains silently
+    otherwise: a resumed run continues the checkpoint's run, so it takes the checkpoint's policy.
+    """
+    try:
+        recorded = FreezePolicy.from_dict(recorded_policy_dict(checkpoint))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    if recorded != policy:
+        raise FreezePolicyError(
+            f"cannot resume from {checkpoint} with freeze policy {policy.to_string()!r}: the checkpoint was trained "
+            f"with freeze policy {recorded.to_string()!r}, and a resumed run continues that run. Resume with the "
+            f"checkpoint's policy (freeze_policy=hf_freeze.FreezePolicy.from_pretrained({str(checkpoint)!r})), or "
+            "start a new run with the new policy (from the checkpoint's weights, without resume_from_checkpoint).")
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:

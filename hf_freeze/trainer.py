@@ -17,8 +17,8 @@ from ._logging import get_logger
 from .adapters import add_adapter
 from .args import policy_from_fields
 from .callback import FreezeCallback
-from .checkpoints import last_complete_checkpoint
-from .delta import apply_delta, apply_delta_restoring_base, save_adapter_base, save_delta
+from .checkpoints import check_resume_policy, last_complete_checkpoint
+from .delta import apply_delta_restoring_base, save_adapter_base, save_delta
 from .distributed import check_model_data
 from .errors import FreezePolicyError
 from .folder import (
@@ -108,10 +108,22 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
         (:func:`hf_freeze.checkpoints.last_complete_checkpoint`: a folder left half-written by a crash is skipped,
-        with a warning naming it and why)."""
+        with a warning naming it and why).
+
+        Each call starts from the policy (:meth:`FreezeCallback.start_run`), and when resuming from the checkpoint
+        only: a second ``train()`` of this trainer, or one after another trainer was built on the same model, runs
+        this trainer's policy from its first event. A checkpoint saved with another policy is refused before
+        anything changes (:func:`hf_freeze.checkpoints.check_resume_policy`).
+        """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir,
                                                                   needs_optimizer=not self.args.save_only_model))
+        if resume_from_checkpoint:
+            check_resume_policy(resume_from_checkpoint, self.freeze_policy)
+        if self.model_init is None:  # with model_init, call_model_init starts the run on the new model
+            self.freeze_callback.start_run(self.model, self.args, resumed=bool(resume_from_checkpoint))
+        else:
+            self.freeze_callback.start_run(None, self.args, resumed=False)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
 
@@ -130,7 +142,8 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
             self.freeze_callback.policy = policy
         if self.freeze_policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, self.freeze_policy)
-        self.freeze_callback.setup(model, self.args)
+        # built in train() (is_in_train): open the future groups before the optimizer and the DDP wrap see the model
+        self.freeze_callback.setup(model, self.args, open_future=getattr(self, "is_in_train", False))
         return model
 
     def _trial_policy(self, trial) -> FreezePolicy | None:
@@ -183,7 +196,8 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if is_delta(resume_from_checkpoint) and not has_full_weights(resume_from_checkpoint):
-            apply_delta(self.model if model is None else model, resume_from_checkpoint)
+            # groups unfrozen after it (the interrupted run of this same trainer): back to the base's tensors first
+            apply_delta_restoring_base(self.model if model is None else model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 

@@ -76,8 +76,6 @@ def _drop(trainer, cls):
     trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if not isinstance(c, cls)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: train(resume_from_checkpoint=...) on the trainer whose run was interrupted "
-                   "keeps the later unfreeze events as done: a group unfrozen after the checkpoint trains too early")
 def test_resume_on_the_same_trainer_object_equals_the_uninterrupted_run(base_dir, tmp_path):
     ref = make(base_dir, tmp_path / "ref", SCHEDULE)
     ref.train()
@@ -92,6 +90,25 @@ def test_resume_on_the_same_trainer_object_equals_the_uninterrupted_run(base_dir
     assert differing(tensors(t.model), tensors(ref.model)) == []
 
 
+def test_plain_trainer_resumed_on_the_same_object_equals_the_uninterrupted_run(base_dir, tmp_path):
+    """FreezeCallback on a plain Trainer: its on_train_begin drops the interrupted run's fired events and log too."""
+    from transformers import Trainer
+
+    def plain(out, *callbacks, **kw):
+        return Trainer(model=load_base(base_dir), args=training_args(out, logging_steps=100, **kw),
+                       train_dataset=TinyImages(n=32), callbacks=[hf_freeze.FreezeCallback(SCHEDULE), *callbacks])
+
+    ref = plain(tmp_path / "ref")
+    ref.train()
+    t = plain(tmp_path / "run", StopAt(5), save_strategy="steps", save_steps=2)
+    t.train()
+    _drop(t, StopAt)
+    t.train(resume_from_checkpoint=str(tmp_path / "run" / "out" / "checkpoint-2"))
+    assert differing(tensors(t.model), tensors(ref.model)) == []
+    callback = next(c for c in t.callback_handler.callbacks if isinstance(c, hf_freeze.FreezeCallback))
+    assert [(e["step"], e["resumed"]) for e in callback.events_log] == [(3, False)]
+
+
 class _Record(TrainerCallback):
     def __init__(self):
         self.at_begin = None
@@ -100,9 +117,6 @@ class _Record(TrainerCallback):
         self.at_begin = tensors(model)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_delta + resuming the interrupted trainer from a checkpoint before an "
-                   "unfreeze raises BaseModelChanged blaming the unchanged base model (the delta is applied to the "
-                   "in-memory trained model instead of restoring the base's tensors, as load_best does)")
 def test_delta_resume_on_the_same_trainer_restores_the_checkpoint_weights(base_dir, tmp_path):
     """save_delta: a delta checkpoint holds only trained tensors; resuming the interrupted trainer itself from a
     checkpoint taken before an unfreeze must bring the later-unfrozen group back to its checkpoint (= base) values."""
@@ -119,8 +133,6 @@ def test_delta_resume_on_the_same_trainer_restores_the_checkpoint_weights(base_d
 
 
 # ----------------------------------------------------------------------------------------------- several train() calls
-@pytest.mark.xfail(strict=True, reason="BUG: a second train() on the same FreezeTrainer (model_init, or a search's "
-                   "next trial) keeps the previous run's events_log: the model card lists every unfreeze event twice")
 def test_model_init_second_train_gives_the_same_weights_and_a_card_with_one_event(base_dir, tmp_path):
     t = FreezeTrainer(model_init=lambda: load_base(base_dir), args=training_args(tmp_path, logging_steps=100),
                       train_dataset=TinyImages(n=32), freeze_policy=SCHEDULE)
@@ -357,9 +369,6 @@ def test_eval_only_run_then_train_equals_train_and_eval_only_delta_reloads(base_
     assert differing(tensors(a.model), tensors(b.model)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (inconsistent state): after FreezeTrainer(...) without train() (an "
-                   "eval-only run) the groups a schedule unfreezes later have requires_grad=True while freeze_report "
-                   "says 'frozen (until step 3)' and 99 trainable parameters")
 def test_eval_only_trainer_leaves_the_model_as_its_report_says(base_dir, tmp_path):
     t = make(base_dir, tmp_path, SCHEDULE, eval_dataset=TinyImages(n=8, seed=7))
     t.evaluate()
@@ -399,9 +408,6 @@ def test_disk_full_while_writing_the_cache_leaves_no_temp_file_and_says_so(base_
 
 
 # ----------------------------------------------------------------------------------------------- one model, two trainers
-@pytest.mark.xfail(strict=True, reason="BUG: two FreezeTrainers built on one model object: the first one's train() "
-                   "silently trains the second one's policy (freeze=stem: the whole backbone trains) and saves its own "
-                   "freeze_policy.json ('backbone'), which then misdescribes the weights")
 def test_first_of_two_trainers_on_one_model_trains_its_own_policy(base_dir, tmp_path):
     pretrained = tensors(load_base(base_dir))
     model = load_base(base_dir)
@@ -414,15 +420,14 @@ def test_first_of_two_trainers_on_one_model_trains_its_own_policy(base_dir, tmp_
 
 
 @pytest.mark.parametrize("policy", ["freeze=backbone;unfreeze=step3:1@0.1", "freeze=1"])
-@pytest.mark.xfail(strict=True, reason="BUG: resuming with another policy than the checkpoint's freeze_policy.json is "
-                   "not refused: another LR scale trains silently; another frozen set fails in torch's optimizer "
-                   "loading ('different number of parameter groups') without naming the policies")
 def test_resume_with_another_policy_than_the_checkpoint_is_refused_naming_both(base_dir, tmp_path, policy):
     make(base_dir, tmp_path, SCHEDULE, save_strategy="steps", save_steps=2, callbacks=[StopAt(5)]).train()
     t = make(base_dir, tmp_path, policy, save_strategy="steps", save_steps=2)
+    before, state = tensors(t.model), hf_freeze.get_state(t.model)
     with pytest.raises((FreezePolicyError, ValueError)) as e:
         t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
-    assert "polic" in str(e.value)
+    assert repr(t.freeze_policy.to_string()) in str(e.value) and repr(SCHEDULE) in str(e.value)
+    assert differing(tensors(t.model), before) == [] and hf_freeze.get_state(t.model) is state  # nothing loaded
 
 
 # ----------------------------------------------------------------------------------------------- more combinations that hold
@@ -494,9 +499,6 @@ def test_failed_delta_save_keeps_the_model_already_in_the_folder(base_dir, tmp_p
     assert differing(tensors(hf_freeze.from_pretrained(tmp_path / "final")), tensors(full.model)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after_saved (load_best rewind) survives into the next train() of the same "
-                   "trainer: the second run's card says stage.1 is 'not in these weights ... verified bit-identical to "
-                   "the base' although its best checkpoint is the last one and stage.1 was trained")
 def test_second_train_with_load_best_does_not_inherit_the_first_runs_rewind(base_dir, tmp_path):
     import shutil
 
