@@ -10,6 +10,8 @@ import transformers
 from transformers import CONFIG_MAPPING, AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
+from .folder import CONFIG_FILE, head_spec_of, original_config
+
 
 def image_classifier_class_names(model_type: str) -> tuple[str, ...]:
     """The class names transformers' image-classification mapping lists for ``model_type`` (KeyError: none)."""
@@ -34,8 +36,6 @@ def folder_config(folder):
     """The config of a saved model folder: ``AutoConfig``, except for a folder whose model carries a task-specific
     head (custom model type, :func:`hf_freeze.folder.write_head_code`): the original architecture's config, read
     without running the folder's code."""
-    from .folder import CONFIG_FILE, head_spec_of, original_config
-
     path = Path(folder) / CONFIG_FILE
     data = json.loads(path.read_text()) if path.is_file() else {}
     spec = head_spec_of(data)
