@@ -275,3 +275,21 @@ def test_save_delta_holds_the_head_tensors_and_rebuilds_the_same_logits(tmp_path
     assert not (folder / HEAD_MODELING_CODE).exists()
     reloaded = hf_freeze.from_pretrained(folder)
     assert torch.equal(logits(reloaded), logits(trainer.model))
+
+
+@pytest.mark.parametrize("model_type, cls, paths", [
+    ("deit", "DeiTForImageClassificationWithTeacher", ("cls_classifier", "distillation_classifier")),
+    ("levit", "LevitForImageClassificationWithTeacher", ("classifier.linear", "classifier_distill.linear")),
+])
+def test_distillation_variants_get_the_spec_on_each_classifier(model_type, cls, paths):
+    import transformers
+
+    from hf_freeze.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(tiny_config(model_type))
+    assert classifier_paths(model) == paths
+    install_head(model, HeadConfig.from_string(SPEC))
+    assert all(isinstance(model.get_submodule(p), MLPHead) for p in paths)
+    size = 64 if model_type == "levit" else 32
+    assert model(pixel_values=torch.randn(2, 3, size, size)).logits.shape == (2, 3)
