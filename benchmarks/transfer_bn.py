@@ -40,6 +40,7 @@ EPOCHS = {10: 30, 50: 12, 200: 6}  # 60, 96 and 192 optimizer steps at batch 32
 SEEDS = (0, 1, 2)
 BATCH, LR = 32, 1e-3
 LLRD, TIMM_LAYER_DECAY, LORA_R = 0.8, 0.65, 8
+MLP_HEAD = "mlp:256,relu,dropout=0.2"  # the task-specific head (issue 12) vs the base's own linear classifier
 OUT = ROOT / "docs" / "benchmarks" / "transfer_bn.json"
 FORMAT_VERSION = 1  # bump when a strategy's recipe changes in a way the settings below do not capture
 
@@ -72,6 +73,10 @@ STRATEGIES: dict[str, Strategy] = {
     "classic": Strategy("classic: requires_grad=False (Trainer)", "classic", "baseline", short="classic"),
     "head_only": Strategy("hf_freeze head-only", "freeze_trainer", "hf_freeze", lambda e: "backbone", "head-only"),
     "gradual": Strategy("hf_freeze gradual unfreezing", "freeze_trainer", "hf_freeze", gradual_policy, "gradual"),
+    "head_only_mlp": Strategy(f"hf_freeze head-only, MLP head {MLP_HEAD}", "freeze_trainer", "hf_freeze",
+                              lambda e: f"freeze=backbone;head={MLP_HEAD}", "head-only MLP"),
+    "gradual_mlp": Strategy(f"hf_freeze gradual unfreezing, MLP head {MLP_HEAD}", "freeze_trainer", "hf_freeze",
+                            lambda e: f"{gradual_policy(e)};head={MLP_HEAD}", "gradual MLP"),
     "gradual_bn": Strategy("hf_freeze gradual unfreezing, unfreeze_bn=true", "freeze_trainer", "hf_freeze",
                            lambda e: gradual_policy(e, unfreeze_bn=True), "gradual+BN"),
     "llrd": Strategy(f"hf_freeze layer-wise LR decay {LLRD}", "freeze_trainer", "hf_freeze",
