@@ -40,6 +40,7 @@ EPOCHS = {10: 30, 50: 12, 200: 6}  # 60, 96 and 192 optimizer steps at batch 32
 SEEDS = (0, 1, 2)
 BATCH, LR = 32, 1e-3
 LLRD, TIMM_LAYER_DECAY, LORA_R = 0.8, 0.65, 8
+MLP_HEAD = "mlp:256,relu,dropout=0.2"  # the task-specific head (issue 12) vs the base's own linear classifier
 OUT = ROOT / "docs" / "benchmarks" / "transfer_bn.json"
 FORMAT_VERSION = 1  # bump when a strategy's recipe changes in a way the settings below do not capture
 
@@ -72,6 +73,10 @@ STRATEGIES: dict[str, Strategy] = {
     "classic": Strategy("classic: requires_grad=False (Trainer)", "classic", "baseline", short="classic"),
     "head_only": Strategy("hf_freeze head-only", "freeze_trainer", "hf_freeze", lambda e: "backbone", "head-only"),
     "gradual": Strategy("hf_freeze gradual unfreezing", "freeze_trainer", "hf_freeze", gradual_policy, "gradual"),
+    "head_only_mlp": Strategy(f"hf_freeze head-only, MLP head {MLP_HEAD}", "freeze_trainer", "hf_freeze",
+                              lambda e: f"freeze=backbone;head={MLP_HEAD}", "head-only MLP"),
+    "gradual_mlp": Strategy(f"hf_freeze gradual unfreezing, MLP head {MLP_HEAD}", "freeze_trainer", "hf_freeze",
+                            lambda e: f"{gradual_policy(e)};head={MLP_HEAD}", "gradual MLP"),
     "gradual_bn": Strategy("hf_freeze gradual unfreezing, unfreeze_bn=true", "freeze_trainer", "hf_freeze",
                            lambda e: gradual_policy(e, unfreeze_bn=True), "gradual+BN"),
     "llrd": Strategy(f"hf_freeze layer-wise LR decay {LLRD}", "freeze_trainer", "hf_freeze",
@@ -86,7 +91,10 @@ STRATEGIES: dict[str, Strategy] = {
                                 short="Lightning+train()"),
     "timm": Strategy(f"timm create_optimizer_v2(layer_decay={TIMM_LAYER_DECAY})", "timm", "peer", short="timm LLRD"),
 }
-DEFAULT = tuple(k for k, s in STRATEGIES.items() if s.runner != "pending")
+RUNNABLE = tuple(k for k, s in STRATEGIES.items() if s.runner != "pending")
+#: run only when named (--strategies): the MLP-head comparison of issue 12 (benchmarks/results/heads_transfer_bn_cpu.json)
+OPT_IN = ("head_only_mlp", "gradual_mlp")
+DEFAULT = tuple(k for k in RUNNABLE if k not in OPT_IN)
 PENDING = {"search": "phase 2: the policy found by hf_freeze.search_freeze_policies on a held-out split of the "
                      "training images, within the peers' total budget (needs the fixed search, issue 10)"}
 
@@ -455,7 +463,7 @@ def main(argv=None) -> None:
     cache_root = Path(os.environ.get("HF_FREEZE_CACHE", Path.home() / ".cache" / "hf_freeze"))
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 10/class, 1 epoch, 200-image evaluation sets")
-    p.add_argument("--strategies", nargs="+", choices=list(DEFAULT), help="default: all")
+    p.add_argument("--strategies", nargs="+", choices=list(RUNNABLE), help=f"default: all but {', '.join(OPT_IN)}")
     p.add_argument("--shot-sizes", type=int, nargs="+", default=list(SHOTS), choices=list(SHOTS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: shared cores)")
@@ -463,7 +471,7 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=str(cache_root), help="cache root: the base and the finished runs")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--no-docs", action="store_true", help="only write --out, not the plots and docs")
-    p.add_argument("--worker", choices=list(DEFAULT), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(RUNNABLE), help=argparse.SUPPRESS)
     p.add_argument("--shots", type=int, nargs=1, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)

@@ -24,6 +24,7 @@ from .apply import apply_policy, remove_policy
 from .errors import FreezePolicyError
 from .folder import POLICY_FILE, write_policy
 from .groups import layer_groups
+from .heads import check_head, install_head
 from .names import peft_wrappers, unwrap_model
 from .plan import resolve
 from .policy import FreezePolicy
@@ -70,8 +71,12 @@ def add_adapter(model: nn.Module, policy=None):
     if peft_wrappers(base):
         raise FreezePolicyError("the model already carries a PEFT adapter; pass it to apply_policy() with a matching "
                                 "policy, or start from the plain model")
+    check_head(base, policy.head)
     groups = layer_groups(base)
     adapter_plan = resolve_adapter(policy, groups, resolve(policy, groups), base)
+    if install_head(base, policy.head):  # the head first: PEFT saves it whole (modules_to_save)
+        groups = layer_groups(base)
+        adapter_plan = resolve_adapter(policy, groups, resolve(policy, groups), base)
     remove_policy(base)  # a policy applied before starts over, as apply_policy does
     wrapped = get_peft_model(base, adapter_plan.peft_config())
     expose_conv_geometry(wrapped)
@@ -93,8 +98,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, is_trainable: b
     if policy.adapter is None:
         raise FreezePolicyError(f"{Path(folder) / POLICY_FILE} describes no adapter ({policy.to_string()!r})")
     base = unwrap_model(model)
+    check_head(base, policy.head)
     groups = layer_groups(base)
     resolve_adapter(policy, groups, resolve(policy, groups), base)  # the folder fits this base model
+    install_head(base, policy.head)  # the head's weights come with the adapter (modules_to_save)
     wrapped = PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
     expose_conv_geometry(wrapped)
     apply_policy(wrapped, policy)

@@ -18,6 +18,7 @@ from .adapter_plan import check_wrapped, resolve_adapter
 from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, digests
 from .groups import LayerGroups, layer_groups
+from .heads import check_head, install_head, installed_head
 from .names import COPY, ModelNames, peft_wrappers, unwrap_model
 from .plan import FreezePlan, resolve
 from .policy import FreezePolicy
@@ -36,12 +37,18 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     """
     model = unwrap_model(model)
     policy = FreezePolicy.coerce(policy)
+    _check_head(model, policy)
     groups = layer_groups(model)
     plan = resolve(policy, groups)
     names = ModelNames.of(model)
     _check_quantized(names.base_parameters(model), groups, plan)
+    _check_head_trains(policy, groups, plan)
     adapter = _check_adapter(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
+    if install_head(model, policy.head):  # the new layers are the head group from here on
+        groups = layer_groups(model)
+        plan = resolve(policy, groups)
+        names = ModelNames.of(model)
     # with an adapter PEFT has frozen every pretrained parameter itself, and all of them stay frozen anyway
     user_frozen = set() if adapter is not None else {n for n, p in names.base_parameters(model) if not p.requires_grad}
     state = FreezeState(policy, plan, groups,
@@ -51,6 +58,26 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     set_frozen(model, plan.frozen_params)
     state.applied_fingerprint = Fingerprint(dict(state.fingerprint.digests))
     return freeze_report(model)
+
+
+def _check_head(model: nn.Module, policy: FreezePolicy) -> None:
+    """A head must fit the model (:func:`hf_freeze.heads.check_head`); a model wrapped by PEFT must carry it already
+    (PEFT saves the head whole: it has to be there before wrapping, which :func:`hf_freeze.add_adapter` does)."""
+    check_head(model, policy.head)
+    if policy.head is not None and peft_wrappers(model) and installed_head(model) != policy.head:
+        raise FreezePolicyError(f"policy {policy.to_string()!r} puts a head on a model already wrapped by PEFT; "
+                                "install the head before wrapping: hf_freeze.add_adapter(model, policy) does both")
+
+
+def _check_head_trains(policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan) -> None:
+    """A new head starts from random weights: it always trains."""
+    if policy.head is None or "head" not in groups.names:
+        return
+    frozen = set(groups["head"].param_names) & plan.frozen_params
+    if frozen:
+        raise FreezePolicyError(f"policy {policy.to_string()!r} freezes the head ({sorted(frozen)[:3]}), but head="
+                                f"{policy.head.to_string()!r} is a new head trained from random weights; leave the "
+                                "'head' group out of freeze=")
 
 
 QUANTIZED_PARAM_CLASSES = ("Params4bit", "Int8Params")  # bitsandbytes: quantized even with a float storage dtype

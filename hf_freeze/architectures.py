@@ -12,6 +12,13 @@ the ``*ForImageClassification`` model, ``{base}`` standing for the escaped base-
   downsampling/embedding).
 
 A model type not in the table falls back to :func:`hf_freeze.groups.discover_layout`.
+
+``classifier`` says where the classifier lives, for a task-specific head (:mod:`hf_freeze.heads`): the dotted
+names of the ``nn.Linear`` layer(s) that map pooled features to logits; their ``in_features`` is the head's input
+width. A head spec goes on each one the model has (a distillation variant has two: DeiT's
+``cls_classifier``/``distillation_classifier``, LeViT's ``classifier``/``classifier_distill``, SwiftFormer's
+``head``/``dist_head``, whose logits are averaged). ``()``: no head can be put on it (the reason is refused).
+For ``timm_wrapper`` it is the timm model's own ``pretrained_cfg["classifier"]`` (:func:`timm_classifier`).
 """
 
 from __future__ import annotations
@@ -30,14 +37,18 @@ class Layout:
     #: set when the model is not an image classifier at all: layer_groups() refuses it
     not_a_classifier: str | None = None
     source: str = "table"
+    #: the Linear layer(s) mapping features to logits, where a task-specific head goes (see the module docstring)
+    classifier: tuple[str, ...] = ("classifier",)
 
 
 _VIT = Layout(stages=r"^{base}\.layers\.(\d+)\.",
-              head=(r"^(classifier|cls_classifier|distillation_classifier)\.",))
+              head=(r"^(classifier|cls_classifier|distillation_classifier)\.",),
+              classifier=("classifier", "cls_classifier", "distillation_classifier"))
 _VIT_ENCODER = Layout(stages=r"^{base}\.encoder\.layer\.(\d+)\.")
 _VISION_TOWER = Layout(stages=r"^vision_model\.encoder\.layers\.(\d+)\.")
 _SWIN = Layout(stages=r"^{base}\.encoder\.layers\.(\d+)\.")
 _STAGES = Layout(stages=r"^{base}\.encoder\.stages\.(\d+)\.")
+_FLAT = Layout(stages=_STAGES.stages, classifier=("classifier.1",))  # classifier = Sequential(Flatten, Linear)
 _MOBILE = Layout(stages=r"^{base}\.layer\.(\d+)\.")
 _MOBILEVIT = Layout(stages=r"^{base}\.encoder\.layer\.(\d+)\.")
 _BLOCK = Layout(stages=r"^{base}\.encoder\.(?:block|patch_embeddings)\.(\d+)\.",
@@ -62,26 +73,28 @@ ARCHITECTURES: dict[str, Layout] = {
     "pvt": Layout(stages=_BLOCK.stages, stem=_BLOCK.stem),
     # CNN-style stages
     "convnext": _STAGES, "convnextv2": _STAGES, "focalnet": _STAGES, "hiera": _STAGES,
-    "resnet": _STAGES, "regnet": _STAGES, "bit": _STAGES,
+    "resnet": _FLAT, "regnet": _FLAT, "bit": _FLAT,
     "cvt": Layout(stages=r"^{base}\.encoder\.stages\.(\d+)\.", stem=(r"^{base}\.encoder\.stages\.0\.embedding\.",),
                   head=(r"^(layernorm|classifier)\.",)),
-    "levit": Layout(stages=r"^{base}\.encoder\.stages\.(\d+)\.", head=(r"^classifier(_distill)?\.",)),
+    "levit": Layout(stages=r"^{base}\.encoder\.stages\.(\d+)\.", head=(r"^classifier(_distill)?\.",),
+                    classifier=("classifier.linear", "classifier_distill.linear")),
     "efficientnet": Layout(stages=r"^{base}\.encoder\.blocks\.(\d+)\."),
     "mobilenet_v1": _MOBILE, "mobilenet_v2": _MOBILE,
     "mobilevit": _MOBILEVIT, "mobilevitv2": _MOBILEVIT,
-    "swiftformer": Layout(stages=r"^{base}\.encoder\.network\.(\d+)\.blocks\.", head=(r"^(norm|head|dist_head)\.",)),
-    "hgnet_v2": Layout(stages=r"^encoder\.stages\.(\d+)\.", head=(r"^(fc|classifier)\.",)),
-    "textnet": Layout(stages=r"^{base}\.encoder\.stages\.(\d+)\.", head=(r"^(fc|classifier)\.",)),
+    "swiftformer": Layout(stages=r"^{base}\.encoder\.network\.(\d+)\.blocks\.", head=(r"^(norm|head|dist_head)\.",),
+                          classifier=("head", "dist_head")),
+    "hgnet_v2": Layout(stages=r"^encoder\.stages\.(\d+)\.", head=(r"^(fc|classifier)\.",), classifier=("fc",)),
+    "textnet": Layout(stages=r"^{base}\.encoder\.stages\.(\d+)\.", head=(r"^(fc|classifier)\.",), classifier=("fc",)),
     # types that do not take pixel_values + labels
-    "perceiver": Layout(stages=r"^perceiver\.encoder\.self_attends\.(\d+)\.", head=(r"^perceiver\.decoder\.",),
+    "perceiver": Layout(stages=r"^perceiver\.encoder\.self_attends\.(\d+)\.", head=(r"^perceiver\.decoder\.",), classifier=(),
                         input_issue="Perceiver takes its image as `inputs=`, not `pixel_values=`; "
                                     "the standard image-classification collator/Trainer path does not feed it"),
-    "imagegpt": Layout(stages=r"^transformer\.h\.(\d+)\.", head=(r"^score\.",),
+    "imagegpt": Layout(stages=r"^transformer\.h\.(\d+)\.", head=(r"^score\.",), classifier=(),
                        input_issue="ImageGPT takes colour-clustered `input_ids`, not `pixel_values`"),
-    "pp_lcnet": Layout(stages=r"^encoder\.blocks\.(\d+)\.", head=(r"^head\.",),
+    "pp_lcnet": Layout(stages=r"^encoder\.blocks\.(\d+)\.", head=(r"^head\.",), classifier=(),
                        input_issue="PP-LCNet takes no `labels` and returns no loss (logits come in "
                                    "`last_hidden_state`); the Trainer cannot compute a loss for it"),
-    "shieldgemma2": Layout(stages="", not_a_classifier=(
+    "shieldgemma2": Layout(stages="", classifier=(), not_a_classifier=(
         "ShieldGemma2ForImageClassification is a safety judge built on a language model (yes/no token "
         "logits from text + image tokens), not a pixel_values -> labels classifier; fine-tune it as a "
         "language model instead")),
@@ -89,3 +102,10 @@ ARCHITECTURES: dict[str, Layout] = {
 
 #: model type of transformers' timm integration: groups come from timm's own ``group_matcher``
 TIMM_MODEL_TYPE = "timm_wrapper"
+
+
+def timm_classifier(model) -> tuple[str, ...]:
+    """Where a ``TimmWrapperForImageClassification``'s classifier lives: timm's ``pretrained_cfg["classifier"]``
+    (a name or a tuple of names, e.g. ``fc``, ``head.fc``) under ``timm_model``."""
+    names = getattr(model.timm_model, "pretrained_cfg", {}).get("classifier") or ()
+    return tuple(f"timm_model.{n}" for n in ((names,) if isinstance(names, str) else names))

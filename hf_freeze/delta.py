@@ -44,7 +44,8 @@ from .folder import (
     remove_weights,
     write_policy,
 )
-from .loading import classifier_class
+from .heads import install_head, installed_head, with_head
+from .loading import classifier_class, folder_config
 from .names import unwrap_model
 from .state import require_state
 
@@ -282,7 +283,11 @@ def from_pretrained(repo_or_dir: str | os.PathLike, *, revision: str | None = No
     if not has_full_weights(folder):
         raise FileNotFoundError(f"{repo_or_dir} holds no model: expected {DELTA_MANIFEST} (hf_freeze delta), "
                                 f"{ADAPTER_FILES[0]} (PEFT adapter) or model.safetensors (full checkpoint)")
-    return classifier_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, **kwargs)
+    config = folder_config(folder)
+    cls = classifier_class(config)
+    if installed_head(config) is not None:  # a task-specific head: built in __init__, then loaded with the rest
+        cls = with_head(cls)
+    return cls.from_pretrained(folder, config=config, **kwargs)
 
 
 def _local_folder(repo_or_dir, revision, token) -> Path:
@@ -296,10 +301,11 @@ def _load_base(folder: Path, manifest: DeltaManifest, token=None, base_model=Non
     """(the base model a delta refers to, with the delta's config; where it was read from)."""
     base = base_model or manifest.base_model
     revision = base_revision if base_model or base_revision else manifest.base_revision
-    config = AutoConfig.from_pretrained(folder)
+    config = folder_config(folder)
     kwargs.setdefault("dtype", getattr(torch, manifest.dtype.split(",")[0], None))
     model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
+    install_head(model, installed_head(config))  # its tensors come with the delta
     return model, (base, revision)
 
 
@@ -347,7 +353,7 @@ def _load_adapter(folder: Path, token, base_model=None, base_revision=None, **kw
         (manifest.base_revision if manifest else peft_config.revision)
     if manifest is not None:
         kwargs.setdefault("dtype", getattr(torch, manifest.dtype.split(",")[0], None))
-    config = AutoConfig.from_pretrained(folder if (folder / CONFIG_FILE).is_file() else base)
+    config = folder_config(folder) if (folder / CONFIG_FILE).is_file() else AutoConfig.from_pretrained(base)
     model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
     if manifest is not None:

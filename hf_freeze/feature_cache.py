@@ -73,7 +73,7 @@ BATCH_KEYS = {"pixel_values", "labels"}
 #: batch's last example is checked at many more positions
 TAIL_MULTIPLE = 32
 #: config entries that only the head (or bookkeeping) reads: a change of labels keeps the cached features
-HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "_name_or_path",
+HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "hf_freeze_head", "_name_or_path",
                     "transformers_version", "architectures", "finetuning_task"}
 _MEMORY: dict[str, FeatureCache] = {}  # the in-process cache, most recently stored last
 MEMORY_ENTRIES = 4  # older entries are dropped (each holds a dataset's features, maybe on the GPU)

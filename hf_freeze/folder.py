@@ -29,18 +29,103 @@ FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 #: the model card and its plot (:mod:`hf_freeze.model_card`)
 CARD_FILE = "README.md"
 PLOT_FILE = "training_curves.png"
+#: a model with a task-specific head (:mod:`hf_freeze.heads`): the Hub's custom-code convention, so plain transformers
+#: rebuilds the head (``trust_remote_code=True``): the config key recording it, the custom model type, the files
+HEAD_KEY = "hf_freeze_head"
+HEAD_MODEL_TYPE = "hf_freeze_head-{base}"
+HEAD_CONFIG_CODE = "configuration_hf_freeze_head.py"
+HEAD_MODELING_CODE = "modeling_hf_freeze_head.py"
+HEAD_CONFIG_CLASS = "HFFreezeHeadConfig"
+HEAD_MODEL_CLASS = "HFFreezeHeadForImageClassification"
 #: what hf_freeze writes beside a checkpoint's weights: copied to the output folder when a checkpoint is pushed
-TRAVELS = (POLICY_FILE, DELTA_MANIFEST, DELTA_WEIGHTS, ADAPTER_BASE)
+TRAVELS = (POLICY_FILE, DELTA_MANIFEST, DELTA_WEIGHTS, ADAPTER_BASE, HEAD_CONFIG_CODE, HEAD_MODELING_CODE)
 
 
 # --------------------------------------------------------------------------- the policy in a folder
 def write_policy(folder: str | os.PathLike, policy) -> Path:
-    """Write ``policy`` (a FreezePolicy) as ``folder/freeze_policy.json``; returns the file."""
+    """Write ``policy`` (a FreezePolicy) as ``folder/freeze_policy.json``; returns the file. A full-weight folder
+    whose model carries a task-specific head gets the custom code that rebuilds it (:func:`write_head_code`)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     path = out / POLICY_FILE
     path.write_text(policy.to_json() + "\n")
+    write_head_code(out)
     return path
+
+
+# --------------------------------------------------------------------------- a task-specific head that travels
+_CONFIG_CODE = '''"""Written by hf_freeze: the config of {base_class} with a task-specific head (its spec: `{key}`)."""
+
+from transformers import {base_config}
+
+
+class {config_class}({base_config}):
+    model_type = "{model_type}"
+'''
+
+_MODELING_CODE = '''
+
+# ---- written by hf_freeze: {base_class} with the head above in place of its classifier
+from transformers import {base_class}
+
+from .{config_module} import {config_class}
+
+
+class {model_class}({base_class}):
+    config_class = {config_class}
+
+    def __init__(self, config):
+        super().__init__(config)
+        install_heads(self, config.{key})
+'''
+
+
+def head_spec_of(config: dict) -> dict | None:
+    """The head a config dict records (None: none)."""
+    spec = config.get(HEAD_KEY)
+    return spec if isinstance(spec, dict) and spec.get("base_model_type") else None
+
+
+def write_head_code(folder: str | os.PathLike) -> list[str]:
+    """Make a full-weight folder whose ``config.json`` records a head loadable by plain transformers.
+
+    ``config.json`` gets a model type of its own (``hf_freeze_head-<type>``, which transformers cannot map without
+    the folder's code: it refuses instead of building the original classifier with a re-initialised head) and an
+    ``auto_map`` to two small files written beside it: a config class and a model class subclassing the original
+    transformers classes, whose ``__init__`` installs the head (the source of :mod:`hf_freeze._head_module`, copied).
+    A folder without full weights (a delta, an adapter) keeps the original type; stale code files are removed.
+    Returns the files written.
+    """
+    out = Path(folder)
+    config_path = out / CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    spec = head_spec_of(config)
+    if spec is None or not has_full_weights(out) or is_delta(out):
+        for name in (HEAD_CONFIG_CODE, HEAD_MODELING_CODE):
+            (out / name).unlink(missing_ok=True)
+        if spec is not None and config.get("model_type") != spec["base_model_type"]:
+            config_path.write_text(json.dumps(original_config(config), indent=2, sort_keys=True) + "\n")
+        return []
+    values = dict(base_class=spec["base_class"], base_config=spec["base_config"],
+                  config_class=HEAD_CONFIG_CLASS, model_class=HEAD_MODEL_CLASS, key=HEAD_KEY,
+                  config_module=HEAD_CONFIG_CODE.removesuffix(".py"),
+                  model_type=HEAD_MODEL_TYPE.format(base=spec["base_model_type"]))
+    head_source = (Path(__file__).with_name("_head_module.py")).read_text()
+    (out / HEAD_CONFIG_CODE).write_text(_CONFIG_CODE.format(**values))
+    (out / HEAD_MODELING_CODE).write_text(head_source + _MODELING_CODE.format(**values))
+    config.update(model_type=values["model_type"], auto_map={
+        "AutoConfig": f"{values['config_module']}.{HEAD_CONFIG_CLASS}",
+        "AutoModelForImageClassification": f"{HEAD_MODELING_CODE.removesuffix('.py')}.{HEAD_MODEL_CLASS}"})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [HEAD_CONFIG_CODE, HEAD_MODELING_CODE, CONFIG_FILE]
+
+
+def original_config(config: dict) -> dict:
+    """A config dict written by :func:`write_head_code` as the original architecture's (its type, no auto_map)."""
+    spec = head_spec_of(config)
+    if spec is None:
+        return config
+    return {**{k: v for k, v in config.items() if k != "auto_map"}, "model_type": spec["base_model_type"]}
 
 
 def record_in_config(config, policy) -> None:

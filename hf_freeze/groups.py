@@ -18,6 +18,7 @@ from ._compat import moved_names
 from ._logging import get_logger
 from .architectures import ARCHITECTURES, TIMM_MODEL_TYPE, Layout
 from .errors import UnsupportedModelError
+from .heads import base_model_type
 from .names import BASE, ModelNames, unwrap_model
 
 logger = get_logger(__name__)
@@ -63,7 +64,7 @@ class LayerGroups(list):
 
 def model_type_of(model: nn.Module) -> str:
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) or type(model).__name__
+    return base_model_type(config) or type(model).__name__
 
 
 def ordered_tensor_names(model: nn.Module) -> tuple[list[str], list[str], list[str]]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import transformers
-from transformers import AutoConfig
+from transformers import CONFIG_MAPPING, AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+from .folder import CONFIG_FILE, head_spec_of, original_config
 
 
 def image_classifier_class_names(model_type: str) -> tuple[str, ...]:
@@ -25,6 +30,18 @@ def load_config(name_or_path: str, num_labels: int | None = None):
     """``AutoConfig.from_pretrained`` of a Hub id or a folder (``tiny:<type>`` configs: :func:`hf_freeze.tiny.tiny_config`)."""
     kwargs = {"num_labels": num_labels} if num_labels else {}
     return AutoConfig.from_pretrained(name_or_path, **kwargs)
+
+
+def folder_config(folder):
+    """The config of a saved model folder: ``AutoConfig``, except for a folder whose model carries a task-specific
+    head (custom model type, :func:`hf_freeze.folder.write_head_code`): the original architecture's config, read
+    without running the folder's code."""
+    path = Path(folder) / CONFIG_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    spec = head_spec_of(data)
+    if spec is None:
+        return AutoConfig.from_pretrained(folder)
+    return CONFIG_MAPPING[spec["base_model_type"]].from_dict(original_config(data))
 
 
 def build_classifier(config):

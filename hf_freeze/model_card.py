@@ -26,6 +26,7 @@ from . import __version__
 from .apply import changed_frozen_tensors
 from .delta import DeltaManifest, base_reference
 from .folder import ADAPTER_FILES, CARD_FILE, DELTA_WEIGHTS, FULL_WEIGHTS, PLOT_FILE, checkpoint_kind, is_delta
+from .heads import describe as describe_head
 from .names import unwrap_model
 from .report import freeze_report
 from .state import get_state
@@ -308,6 +309,7 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
         saved_step=after_saved[0] if after_saved else None,
         after_saved="; ".join(f"{', '.join(e['groups'])} at step {e['step']} ({e['when']})" for e in later),
         results_table=results_table(log_history or []), hyperparameters=hyperparameters or {},
+        head=describe_head(model),
         has_processor=(folder / "preprocessor_config.json").is_file(), fingerprint=preserved.get("fingerprint", ""), delta_size=_size(folder / DELTA_WEIGHTS))
     return ModelCard.from_template(data, template_str=_template_text(config.template), **variables)
 

@@ -14,6 +14,7 @@ value is the ``freeze`` field)::
     freeze=backbone;unfreeze=epoch2:1@0.1,epoch4:2@0.01;layer_lr_decay=0.8
     freeze=*.normalization.*,stem;unfreeze=step100:stage.3+neck
     freeze=backbone;adapter=lora,r=8,alpha=16,groups=stage.2+stage.3
+    freeze=backbone;head=mlp:1024,relu,dropout=0.2
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ._compat import moved_names
 from ._fields import BOOL, Syntax, declare, is_int, is_number, keyword_count_or_names, num
 from .adapter_config import AdapterConfig
 from .errors import FreezePolicyError
+from .head_config import HeadConfig
 
 POLICY_VERSION = 1
 
@@ -153,6 +155,8 @@ def _decay_problem(key: str, d) -> str | None:
 DECAY = Syntax(_parse_decay, show=num, problem=_decay_problem, flag_type=float)
 ADAPTER = Syntax(lambda key, text: None if text.lower() in ("none", "") else AdapterConfig.from_string(text),
                  show=lambda a: a.to_string(), coerce=AdapterConfig.coerce, to_json=lambda a: a.to_dict())
+HEAD = Syntax(lambda key, text: HeadConfig.coerce(text), show=lambda h: h.to_string(), coerce=HeadConfig.coerce,
+              to_json=lambda h: h.to_dict())
 
 
 @dataclass
@@ -184,6 +188,10 @@ class FreezePolicy:
         "Train a PEFT adapter on the frozen groups instead of unfreezing them: 'lora', 'loha' or 'lokr', "
         "optionally with options ('lora,use_dora=true'; an AdapterConfig, dict or peft config in Python). The "
         "head trains whole and is saved with the adapter. No unfreeze schedule with an adapter."))
+    head: HeadConfig | None = declare(None, syntax=HEAD, flag="head", omit_default=True, help=(
+        "Task-specific layers in place of the model's linear classifier, always trained (the 'head' group): "
+        "'mlp:1024,relu,dropout=0.2' (hidden widths, activation, dropout, norm=true for LayerNorm; a HeadConfig "
+        "or dict in Python). A saved folder reloads it, in plain transformers too (trust_remote_code=True)."))
 
     def __post_init__(self):
         _fields.coerce(self)

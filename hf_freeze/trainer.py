@@ -35,6 +35,7 @@ from .folder import (
     write_policy,
 )
 from .groups import layer_groups
+from .heads import check_head, install_head
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
 from .names import peft_wrappers, unwrap_model
@@ -63,6 +64,8 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
         policy = _pick_policy(freeze_policy, training_args, model)
         _check_before_init(policy, model)
         check_model_data(model, policy, training_args)  # before the Trainer moves the model: meta tensors
+        if model is not None and not peft_wrappers(unwrap_model(model)):
+            install_head(unwrap_model(model), policy.head)  # before the Trainer moves the model and builds the optimizer
         if model is not None and policy.adapter is not None and not peft_wrappers(unwrap_model(model)):
             model = add_adapter(model, policy)
             if "model" in kwargs or not args:
@@ -268,6 +271,7 @@ def _check_before_init(policy: FreezePolicy, model) -> None:
     """What can be checked before the Trainer exists (and creates ``output_dir``): the policy against the model's
     groups (FreezePolicyError, with "did you mean" where it helps); the feature-cache mode is checked just before."""
     if model is not None:
+        check_head(unwrap_model(model), policy.head)
         resolve(policy, layer_groups(model))
 
 
