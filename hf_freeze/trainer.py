@@ -136,7 +136,18 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
         if trial is None or backend is None:
             return None
         params = self.hp_space(trial) if str(getattr(backend, "value", backend)) == "optuna" else dict(trial)
-        return policy_from_fields(self.args, params)
+        policy = policy_from_fields(self.args, params)
+        if policy is not None:
+            # _hp_search_setup casts each trial value to the type of the args' current one (the previous trial's):
+            # a trial without layer_lr_decay (None) after one with 0.8 would fail. Set this trial's fields now.
+            from dataclasses import fields
+
+            from .args import FreezeArguments
+
+            for f in fields(FreezeArguments):
+                if f.name in params:
+                    setattr(self.args, f.name, params[f.name])
+        return policy
 
     # ------------------------------------------------------------------ saving: full or delta
     @property
