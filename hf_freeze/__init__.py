@@ -27,6 +27,7 @@ _EXPORTS = {
     "FreezeCallback": "callback", "FreezeTrainer": "trainer", "FreezeTrainerMixin": "trainer",
     "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "trainer",
     "FreezeSearchSpace": "search", "SearchResult": "search", "search_freeze_policies": "search",
+    "RetentionProxy": "search",
     # adapters
     "AdapterConfig": "adapters", "AdapterPlan": "adapters", "add_adapter": "adapters", "load_adapter": "adapters",
     "save_adapter": "adapters",
@@ -77,5 +78,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed i
     from .model_card import CardConfig, render_model_card, write_model_card
     from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
     from .report import FreezeReport, freeze_report
-    from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
+    from .search import FreezeSearchSpace, RetentionProxy, SearchResult, search_freeze_policies
     from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained

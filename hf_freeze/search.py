@@ -78,13 +78,16 @@ class FreezeSearchSpace:
 
         Events are placed in epochs of a run of ``epochs`` epochs, or, with ``total_steps``, at steps of a run of that
         many optimizer steps. ``bn_groups``: the groups holding BatchNorm statistics (:func:`norm_groups`); ``timing``
-        (the run's steps per epoch): two events are the same when they fire at the same step. First occurrence wins,
+        (the run's steps per epoch): two events are the same when they fire at the same step, and an event that fires
+        after the run's last step is none. First occurrence wins,
         in the order freeze x schedule x reach x lr_scale x layer_lr_decay x unfreeze_bn x train_bn.
         """
         check_space(self)
         if (epochs is None) == (total_steps is None):
             raise ValueError("give the run's length as epochs= or total_steps= (one of them)")
         bn_groups = set(bn_groups)
+        run_steps = total_steps if total_steps is not None else (
+            math.ceil(epochs * timing.steps_per_epoch) if timing is not None else None)
         chosen: dict[tuple, FreezePolicy] = {}
         for freeze, kind, reach, scale, decay, unfreeze_bn, train_bn in itertools.product(
                 self.freeze, self.schedule, self.reach, self.lr_scale, self.layer_lr_decay, self.unfreeze_bn,
@@ -94,7 +97,7 @@ class FreezeSearchSpace:
             value = freeze if freeze in ("backbone", "none") else depth
             policy = FreezePolicy(freeze=value, unfreeze=events, layer_lr_decay=decay, unfreeze_bn=bool(unfreeze_bn),
                                   train_bn=bool(train_bn))
-            chosen.setdefault(policy_key(policy, groups, bn_groups, timing), policy)
+            chosen.setdefault(policy_key(policy, groups, bn_groups, timing, run_steps), policy)
         return list(chosen.values())
 
 
@@ -184,21 +187,24 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset(), timing: Timing | None = None) -> tuple:
+def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset(), timing: Timing | None = None,
+               run_steps: int | None = None) -> tuple:
     """What ``policy`` does to a model with ``groups``: two policies with the same key train the same way.
 
     The resolved plan: frozen parameters; unfreeze events with their groups and LR scales, timed by the step they fire
-    at when ``timing`` is known (else by their epoch/step value); the layer-wise LR scale of each group that ever
+    at when ``timing`` is known (else by their epoch/step value), without the events that fire only after the last of
+    ``run_steps`` optimizer steps (no update trains their groups); the layer-wise LR scale of each group that ever
     trains; ``train_bn``/``unfreeze_bn`` only where they change a BatchNorm layer; the adapter.
     """
     plan = resolve(policy, groups, timing)
+    effective = [e for e in plan.events if not (timing and run_steps is not None and timing.fire_step(e) >= run_steps)]
     frozen_groups = {g.name for g in groups if plan.frozen_params & set(g.param_names)}
-    unfrozen_later = {g for e in plan.events for g in e.groups}
+    unfrozen_later = {g for e in effective for g in e.groups}
     trained = {g.name for g in groups if set(g.param_names) - plan.frozen_params} | unfrozen_later
     train_bn = policy.train_bn and bool(frozen_groups & bn_groups)
     unfreeze_bn = policy.unfreeze_bn and not policy.train_bn and bool(unfrozen_later & bn_groups)
     events = tuple(((timing.fire_step(e),) if timing else (e.at_epoch, e.at_step)) + (e.groups, e.lr_scale)
-                   for e in plan.events)
+                   for e in effective)
     scales = tuple(sorted((g, s) for g, s in plan.depth_scale.items() if g in trained))
     adapter = policy.adapter.to_string() if policy.adapter is not None else None
     return (plan.frozen_params, events, scales, train_bn, unfreeze_bn, adapter)
@@ -516,11 +522,11 @@ def _check_call(trainer, n_trials, direction, max_steps, retention_images, refer
                          "with FSDP or DeepSpeed sharding: search without it, or without sharding")
 
 
-def distinct_candidates(policies: list[FreezePolicy], groups, bn_groups, timing) -> list[FreezePolicy]:
+def distinct_candidates(policies: list[FreezePolicy], groups, bn_groups, timing, run_steps) -> list[FreezePolicy]:
     """``policies`` if no two train the same way; else FreezePolicyError naming a pair."""
     seen: dict[tuple, FreezePolicy] = {}
     for p in policies:
-        key = policy_key(p, groups, bn_groups, timing)
+        key = policy_key(p, groups, bn_groups, timing, run_steps)
         if key in seen:
             raise FreezePolicyError(f"candidates {seen[key].to_string()!r} and {p.to_string()!r} train the same way "
                                     "on this model; keep one")
@@ -568,7 +574,7 @@ def search_freeze_policies(trainer, n_trials: int | None = None, metric: str = "
         length = {"total_steps": steps} if trainer.args.max_steps > 0 else {"epochs": trainer.args.num_train_epochs}
         policies = space.policies(groups, bn_groups=bn_groups, timing=timing, **length)
     else:
-        policies = distinct_candidates([FreezePolicy.coerce(p) for p in policies], groups, bn_groups, timing)
+        policies = distinct_candidates([FreezePolicy.coerce(p) for p in policies], groups, bn_groups, timing, steps)
     if not policies:
         raise ValueError("no candidate policy to search")
     learning_rates = list(dict.fromkeys(trainer.args.learning_rate if lr is None else float(lr)

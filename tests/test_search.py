@@ -145,6 +145,11 @@ def test_schedules_reach_and_events_that_fire_at_the_same_step():
         "freeze=backbone;unfreeze=epoch1.5:1"]
     two_steps = hf_freeze.policy.Timing(steps_per_epoch=2, batches_per_epoch=2)
     assert len(space.policies(groups, epochs=3, timing=two_steps)) == 2  # steps 3 and 4
+    # a one-epoch run of one step: every event fires after the last update, so every policy trains the head alone
+    every = FreezeSearchSpace(schedule=["none", "early", "late", "gradual"], lr_scale=[1.0, 0.1])
+    assert [p.to_string() for p in every.policies(groups, epochs=1, timing=one_step)] == ["freeze=backbone",
+                                                                                         "freeze=1"]
+    assert len(every.policies(groups, epochs=1)) > 2
 
 
 @pytest.mark.parametrize("bad, message", [
