@@ -349,3 +349,23 @@ def test_bad_search_calls_are_refused_before_any_trial(tmp_path):
     with pytest.raises(ValueError, match="load_best_model_at_end"):
         search_freeze_policies(late)
     assert counter.started == 0
+
+
+@pytest.mark.slow
+def test_cli_search_with_a_budget_learning_rates_and_the_retention_proxy(tmp_path):
+    from hf_freeze.demo.data import pretraining_task, write_imagefolder
+
+    source = write_imagefolder(pretraining_task()["test"].select(range(30)), tmp_path / "digits0-4")
+    out = subprocess.run([sys.executable, "-m", "hf_freeze.cli", "search", "--demo", "--shots", "5",
+                          "--validation_per_class", "10", "--epochs", "1", "--schedules", "none,early",
+                          "--reach", "all", "--lr_scales", "1.0", "--learning_rates", "0.003,0.0003",
+                          "--budget_steps", "6", "--retention_dir", str(source), "--tolerance", "0.05",
+                          "--output_dir", str(tmp_path / "s")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "s" / "search_results.json").read_text())
+    rows = saved["rows"]  # 25 images at batch 16: 2 steps per trial, so 3 trials fit the 6-step budget
+    assert saved["steps_per_trial"] == 2 and saved["max_steps"] == 6 and len(rows) == 3
+    assert saved["tolerance"] == 0.05 and all(0.0 <= r["retention_proxy"] <= 1.0 for r in rows)
+    assert {r["learning_rate"] for r in rows} <= {0.003, 0.0003}
+    assert f"at learning rate {rows[0]['learning_rate']:g}" in out.stdout
+    assert hf_freeze.FreezePolicy.from_pretrained(tmp_path / "s").to_string() == rows[0]["policy"]
