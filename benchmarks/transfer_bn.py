@@ -5,6 +5,11 @@ split, classes 0-4, 30,000 images, cached) is transferred to classes 5-9 with 10
 per class (drawn from the train split, one draw per seed), evaluated on the fixed test-split images of classes
 5-9 (5,000). Every strategy gets the same data, batch size, base learning rate and number of optimizer steps.
 
+The ``search`` strategy runs ``hf_freeze.search_freeze_policies`` on the n/class draw alone (trials on 60% of each
+class, scored on the other 40%, with the retention proxy on unlabeled train-split images of classes 0-4), within the
+optimizer steps of one run of each peer point (full fine-tuning, fastai, both Lightning runs, timm), then trains the
+chosen policy on all n images like any hand-set policy (``SEARCH_*`` below).
+
 Per run it records: validation accuracy; **retention**: the fine-tuned backbone under the base's original
 5-class head on the test images of classes 0-4 (the base scores ``base_retention`` there); the artefact to save
 (every tensor that differs from the base, new head included; the adapter folder for LoRA); training time;

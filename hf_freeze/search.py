@@ -365,6 +365,8 @@ def rank_rows(rows: list[dict], metric: str, direction: str, tolerance: float | 
 
     if tolerance is None:
         return sorted(rows, key=by_metric)
+    if not rows:
+        return []
     best = max(s * r[metric] for r in rows)
     near = [r for r in rows if s * r[metric] >= best - tolerance - 1e-12]
     rest = [r for r in rows if r not in near]
@@ -641,8 +643,8 @@ def search_freeze_policies(trainer, n_trials: int | None = None, metric: str = "
         trainer.remove_callback(callback)
         for name, value in saved.items():
             setattr(trainer.args, name, value)
-    done = list(rows.values())
-    if proxy is not None:
+    done = list(rows.values())  # empty on the other processes of a multi-process run: the main one scores
+    if proxy is not None and done:
         mark_pareto(done, metric, direction)
     return SearchResult(metric, direction, rank_rows(done, metric, direction, tolerance), tolerance, steps, max_steps,
                         candidates)
