@@ -239,7 +239,11 @@ def search_finding(r: dict, summary, s: int, hand_set: list[str], name) -> str:
                            + (f"matched by the hand-set {', '.join(by_hand)}" if by_hand else "no hand-set policy "
                               "matches it either") + ")")
         text += "; not: " + "; ".join(reasons)
-    return text + "."
+    better = [name(k) for (k, t), y in summary.items() if t == s and k != "search"
+              and y["acc"]["mean"] > x["acc"]["mean"] and y["ret"]["mean"] > x["ret"]["mean"]]
+    return text + ". " + (f"Higher on both means than the search: {', '.join(better)}." if better else
+                          "No strategy has both a higher mean accuracy and a higher mean retention (the search's "
+                          "point is on the frontier of the means).")
 
 
 def search_runs_table(r: dict) -> str:
@@ -289,10 +293,14 @@ def bn_readme_table(r: dict) -> str:
                     + f" | {size(summary[k, s]['delta']['mean'])} | {summary[k, s]['sec']['mean']:.1f} |")
     for k in r["settings"].get("pending", {}):
         rows.append(f"| {bn_label(r, k)} | " + " | ".join("pending" for _ in shots) + " | | |")
+    searches = [x["search"]["search_seconds"] for x in r["runs"] if x["strategy_key"] == "search" and x["shots"] == s]
+    search_note = (f" The search row's time is the final training of the policy it chose; the search itself (its "
+                   f"trials) took {np.mean(searches):.0f} s more at {s}/class." if searches else "")
     return "\n".join(rows) + (f"\n\nMeans over {plural(len(r['settings']['seeds']), 'seed')}; the base's own retention is "
                               f"{r['base']['retention']:.3f}. Training time: wall seconds on {r['machine']['cores']} "
                               "CPU cores shared with other jobs, one torch thread (noisy). Standard deviations, the "
-                              "frontier plots and the strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md).")
+                              "frontier plots and the strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md)."
+                              + search_note)
 
 
 def bn_timm_note(r: dict) -> str:
@@ -520,18 +528,25 @@ def search_table(d: dict) -> str:
             f"shared machine ({d['measured']}, torch {d['torch']}).\n\n" + "\n".join(rows)
             + f"\n\nEach of the {len(d['trials'])} trials trained the policy it sampled (recorded through "
             f"`hf_freeze.get_state(model).policy` at train begin: {mismatched} mismatches), and "
-            f"{plural(len(rechecks), 'policy')} (best and worst) trained again alone, outside the search, gave "
+            f"{len(rechecks)} {'policy' if len(rechecks) == 1 else 'policies'} (best and worst) trained again alone, outside the search, gave "
             + ("the same accuracy and a bit-identical evaluation loss." if same else "**a different score**: "
                + "; ".join(f"`{c['policy']}` {c['in_search']:.3f} vs {c['alone']:.3f}" for c in rechecks) + "."))
 
 
 def search_readme_sentence(d: dict) -> str:
-    best = d["rows"][0]
+    best, runner_up = d["rows"][0], d["rows"][1] if len(d["rows"]) > 1 else None
     default = next((r for r in d["rows"] if r["policy"] == "freeze=backbone"), None)
-    versus = (f" ({best['eval_accuracy']:.3f} vs {default['eval_accuracy']:.3f} for the default `backbone`)"
-              if default is not None and default is not best else f" ({best['eval_accuracy']:.3f})")
-    return (f"On the real MobileNetV2 few-shot task the {d['candidates']} distinct policies of the default depths "
-            f"and schedules at LR scale {d['space']['lr_scale'][0]:g} ranked `{best['policy']}` first{versus}; "
+    if default is best:
+        versus = f" (the default; {best['eval_accuracy']:.3f}" + (
+            f", then `{runner_up['policy']}` {runner_up['eval_accuracy']:.3f})" if runner_up else ")")
+    elif default is not None:
+        versus = f" ({best['eval_accuracy']:.3f} vs {default['eval_accuracy']:.3f} for the default `backbone`)"
+    else:
+        versus = f" ({best['eval_accuracy']:.3f})"
+    space = d["space"]
+    return (f"On the real MobileNetV2 few-shot task the {d['candidates']} distinct policies of freeze depths "
+            f"{', '.join(space['freeze'])} x schedules {', '.join(space['schedule'])} (reach {space['reach'][0]}) at LR "
+            f"scale {space['lr_scale'][0]:g} ranked `{best['policy']}` first{versus}; "
             "`benchmarks/search.py`, figures in [`docs/benchmarks.md`](docs/benchmarks.md#4-linear-probe-feature-cache) "
             "and `docs/benchmarks/search.json`.")
 

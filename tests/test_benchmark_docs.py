@@ -155,6 +155,10 @@ def test_search_finding_names_the_peers_it_beats_and_why_it_misses_the_others():
     text = render_docs.search_finding(r, summary, 10, ["gradual"], lambda k: k)
     assert "matches or beats on both axes: full;" in text
     assert "not: timm (short on accuracy; matched by the hand-set gradual)" in text
+    assert "Higher on both means than the search: none" not in text and "on the frontier of the means" in text
+    summary["gradual", 10] = point(0.90, 0.95)
+    assert "Higher on both means than the search: gradual." in render_docs.search_finding(
+        r, summary, 10, ["gradual"], lambda k: k)
 
 
 def test_holdout_split_is_stratified_disjoint_and_seeded():
