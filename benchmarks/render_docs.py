@@ -277,7 +277,7 @@ def search_runs_table(r: dict) -> str:
         f"`FreezeSearchSpace({space})`; trials are a seeded random order of its distinct policies. Retention proxy: "
         f"agreement with the base on {5 * st['source_per_class']} unlabeled train-split images of classes 0-4 (not "
         f"the test images behind *retention*). Choice: {st['tolerance']}. Across these {len(runs)} runs the final "
-        f"model's proxy and its retention correlate with r = {corr:.2f}. Search seconds: wall time of the trials "
+        f"model's proxy and its retention correlate with r = {corr:.3f}. Search seconds: wall time of the trials "
         "(evaluations and proxy included) on the shared cores, one torch thread.")
 
 
