@@ -33,11 +33,22 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForImageClassification, TrainerCallback
+
+from .args import FreezeArguments
+from .batchnorm import stat_norms
 from .errors import FreezePolicyError
-from .policy import FreezePolicy, Timing, Unfreeze, resolve
+from .feature_cache import FeatureCacheTrainerMixin
+from .groups import layer_groups
+from .names import unwrap_model
+from .plan import Timing, resolve
+from .policy import FreezePolicy, Unfreeze
+from .state import get_state
+from .trainer import FreezeTrainerMixin
 
 #: schedule kinds: when (as fractions of training) the unfreeze events fire; ``at:F1+F2`` gives them directly
 SCHEDULES = {"none": (), "early": (0.1,), "late": (0.5,), "gradual": (1 / 3, 2 / 3)}
@@ -212,8 +223,6 @@ def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset(), 
 
 def norm_groups(model, groups) -> set[str]:
     """The groups holding BatchNorm running statistics."""
-    from .batchnorm import stat_norms
-
     group_of = groups.group_of()
     return {group_of[f"{name}.{b}"] for name, m in stat_norms(model).items() for b, _ in m.named_buffers(recurse=False)
             if f"{name}.{b}" in group_of}
@@ -266,13 +275,7 @@ class RetentionProxy:
     """
 
     def __init__(self, reference_model, images, batch_size: int = 64):
-        import torch
-
-        from .groups import layer_groups, unwrap_model
-
         if isinstance(reference_model, (str, os.PathLike)):
-            from transformers import AutoModelForImageClassification
-
             reference_model = AutoModelForImageClassification.from_pretrained(reference_model)
         if not isinstance(reference_model, torch.nn.Module):
             raise TypeError(f"reference_model must be a model, a folder or a Hub id, got {type(reference_model).__name__}")
@@ -288,8 +291,6 @@ class RetentionProxy:
 
     def check(self, model) -> None:
         """Refuse (FreezePolicyError) a model whose backbone tensors differ from the reference's in names or shapes."""
-        from .groups import unwrap_model
-
         state = unwrap_model(model).state_dict()
         missing = [k for k in self.backbone_shapes if k not in state]
         shapes = [k for k in self.backbone_shapes if k in state and tuple(state[k].shape) != self.backbone_shapes[k]]
@@ -302,10 +303,6 @@ class RetentionProxy:
 
     def __call__(self, model) -> float:
         """The proxy for ``model`` (not changed: its backbone tensors are copied into a private copy of the reference)."""
-        import torch
-
-        from .groups import unwrap_model
-
         self.check(model)
         state = unwrap_model(model).state_dict()
         with torch.no_grad():
@@ -315,8 +312,6 @@ class RetentionProxy:
         return float((predicted == self.expected).float().mean())
 
     def _predict(self, model):
-        import torch
-
         device = next(model.parameters()).device
         out = []
         with torch.no_grad():
@@ -326,8 +321,6 @@ class RetentionProxy:
 
 
 def _stack_images(images):
-    import torch
-
     if isinstance(images, torch.Tensor):
         stacked = images
     else:
@@ -444,10 +437,10 @@ class SearchResult:
         return out
 
     def _plot(self, path: Path) -> None:
-        import matplotlib
+        import matplotlib  # optional dependency (hf_freeze[examples]): only the saved plot needs it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency, as above
 
         if self.has_retention:  # the trade-off: metric against retention proxy, the chosen trial circled
             fig, ax = plt.subplots(figsize=(7, 5))
@@ -476,8 +469,6 @@ class SearchResult:
 def trial_timing(trainer) -> tuple[Timing, int]:
     """(Timing, optimizer steps) of one trial, as ``Trainer.set_initial_training_values`` counts them, from the
     Trainer's own training dataloader (built without the feature cache's probe)."""
-    from .feature_cache import FeatureCacheTrainerMixin
-
     args = trainer.args
     batches = len(super(FeatureCacheTrainerMixin, trainer).get_train_dataloader())
     accumulation = max(args.gradient_accumulation_steps, 1)
@@ -487,8 +478,6 @@ def trial_timing(trainer) -> tuple[Timing, int]:
 
 
 def _check_call(trainer, n_trials, direction, max_steps, retention_images, reference_model, tolerance) -> None:
-    from .trainer import FreezeTrainerMixin
-
     if not isinstance(trainer, FreezeTrainerMixin):
         raise ValueError(f"search_freeze_policies needs a FreezeTrainer (it applies each trial's policy), got "
                          f"{type(trainer).__name__}")
@@ -553,14 +542,7 @@ def search_freeze_policies(trainer, n_trials: int | None = None, metric: str = "
     ``tolerance``: choose the most retentive trial within ``tolerance`` of the best ``metric``. Everything is checked
     before the first trial; the Trainer's arguments are restored afterwards.
     """
-    from dataclasses import fields
-
-    import optuna
-    from transformers import TrainerCallback
-
-    from .apply import get_state
-    from .args import FreezeArguments
-    from .groups import layer_groups, unwrap_model
+    import optuna  # optional dependency (hf_freeze[examples]): only the search needs it
 
     _check_call(trainer, n_trials, direction, max_steps, retention_images, reference_model, tolerance)
     space = space or FreezeSearchSpace()

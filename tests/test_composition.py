@@ -28,7 +28,7 @@ from helpers import StopAt, TinyImages, identical, snapshot, tiny_model, trainin
 
 import hf_freeze
 from hf_freeze import FreezePolicyError, FreezeTrainer
-from hf_freeze.groups import named_base_tensors, unwrap_model
+from hf_freeze.names import named_base_tensors, unwrap_model
 
 FACTORS = {
     "precision": ["fp32", "bf16"],
