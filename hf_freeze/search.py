@@ -484,11 +484,19 @@ def _check_call(trainer, n_trials, direction, max_steps, retention_images, refer
     if trainer.model_init is None:
         raise ValueError("search_freeze_policies needs a FreezeTrainer built with model_init= (each trial starts "
                          "from the pretrained model)")
-    if not hasattr(trainer.args, "freeze_policy"):
+    if not isinstance(trainer.args, FreezeArguments):
         raise ValueError("search_freeze_policies needs FreezeTrainingArguments (the trial sets its freeze fields)")
     if getattr(trainer.args, "freeze_policy_file", None):
         raise ValueError(f"freeze_policy_file={trainer.args.freeze_policy_file!r} fixes the policy, so the trials "
                          "could not change it; drop it for the search (use it afterwards with the best policy)")
+    given = trainer.args.given_flags()
+    if given:
+        values = ", ".join(f"{flag}={getattr(trainer.args, flag)!r}" for flag in given)
+        raise FreezePolicyError(
+            f"the training arguments set {values}, but each search trial sets its own policy ({', '.join(TRIAL_FIELDS)}"
+            "), so the trials would train a mix of both or drop these: remove them from the training arguments and "
+            "put them in the candidates instead (policies=[...], or the FreezeSearchSpace field, e.g. "
+            "FreezeSearchSpace(layer_lr_decay=[0.8]))")
     if trainer.args.load_best_model_at_end:
         raise ValueError("load_best_model_at_end=True: a trial is scored on the model at the end of its training; "
                          "set it to False for the search")
