@@ -369,3 +369,14 @@ def test_cli_search_with_a_budget_learning_rates_and_the_retention_proxy(tmp_pat
     assert {r["learning_rate"] for r in rows} <= {0.003, 0.0003}
     assert f"at learning rate {rows[0]['learning_rate']:g}" in out.stdout
     assert hf_freeze.FreezePolicy.from_pretrained(tmp_path / "s").to_string() == rows[0]["policy"]
+
+
+@pytest.mark.parametrize("given", [dict(freeze="backbone"), dict(layer_lr_decay=0.8), dict(adapter="lora"),
+                                   dict(unfreeze="epoch1:1")])
+def test_policy_fields_in_the_training_arguments_are_refused_before_any_trial(tmp_path, given):
+    """Every trial sets its own policy: a field the arguments set would be mixed into or dropped from each trial."""
+    trainer = search_trainer(tmp_path, **given)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(hf_freeze.FreezePolicyError, match=f"the training arguments set {next(iter(given))}="):
+        search_freeze_policies(trainer, policies=["freeze=1"])
+    assert trainer.state.global_step == 0 and sorted(tmp_path.rglob("*")) == before
