@@ -240,7 +240,8 @@ def main(argv=None):
         trainer = hf_freeze.FreezeTrainer(model_init=model_init_for(path), args=targs(tmp / "search", a.search_epochs,
                                           eval_strategy="epoch"), train_dataset=train, eval_dataset=val,
                                           compute_metrics=accuracy)
-        space = hf_freeze.FreezeSearchSpace(freeze=["backbone", "half"], schedule=["none", "late", "gradual"], lr_scale=[0.1])
+        space = hf_freeze.FreezeSearchSpace(freeze=["backbone", "half"], schedule=["none", "late", "gradual"],
+                                            reach=["2"], lr_scale=[0.1])  # the space of benchmarks/search.py
         t = time.perf_counter()
         result = hf_freeze.search_freeze_policies(trainer, n_trials=a.trials, space=space)
         default = next((r for r in result.rows if r["policy"] == "freeze=backbone"), None)

@@ -10,6 +10,7 @@ blocks from the result files and fails when a committed figure differs.
 
 Result files (relative to the project root): ``docs/benchmarks/transfer_bn.json`` (transfer_bn.py),
 ``docs/benchmarks/transfer.json`` (transfer.py), ``docs/benchmarks/feature_cache.json`` (feature_cache.py),
+``docs/benchmarks/search.json`` (search.py),
 ``benchmarks/results/classic_drift.json`` (classic_drift.py), ``benchmarks/results/step_speed_*.json``
 (step_speed.py), ``benchmarks/results/mixed_precision_h200.txt`` (mixed_precision_check.py).
 """
@@ -33,6 +34,7 @@ SOURCES = {
     "transfer_bn": "docs/benchmarks/transfer_bn.json",
     "transfer": "docs/benchmarks/transfer.json",
     "feature_cache": "docs/benchmarks/feature_cache.json",
+    "search": "docs/benchmarks/search.json",
     "classic_drift": "benchmarks/results/classic_drift.json",
     "step_h200": "benchmarks/results/step_speed_h200.json",
     "step_cpu16": "benchmarks/results/step_speed_cpu16.json",
@@ -168,6 +170,7 @@ def bn_findings(r: dict) -> str:
     keys = bn_keys(r, summary)
     fam, short = r["settings"]["family"], r["settings"]["short"]
     ours = [k for k in keys if fam[k] == "hf_freeze"]
+    hand_set = [k for k in ours if k != "search"]
     others = [k for k in keys if fam[k] != "hf_freeze"]
 
     def name(k):
@@ -197,20 +200,85 @@ def bn_findings(r: dict) -> str:
                          f"{'within' if gap <= noise else 'beyond'} seed noise ({noise:.3f}).")
         covered, uncovered = [], []
         for k in others:
-            winners = [name(w) for w in ours if dominates(summary[w, s], summary[k, s])]
+            winners = [name(w) for w in hand_set if dominates(summary[w, s], summary[k, s])]
             (covered if winners else uncovered).append((k, winners))
         if covered:
-            parts.append("Matched or beaten on both axes: "
+            parts.append("Matched or beaten on both axes by a hand-set policy: "
                          + "; ".join(f"{name(k)} (by {', '.join(w)})" for k, w in covered) + ".")
         if uncovered:
             parts.append("**Not matched on both axes by any hand-set hf_freeze policy: "
                          + ", ".join(name(k) for k, _ in uncovered) + ".**")
+        if ("search", s) in summary:
+            parts.append(search_finding(r, summary, s, hand_set, name))
         lines.append(" ".join(parts))
     base = r["base"]["retention"]
     kept = [k for k in keys if all(x["retention"] == base for x in r["runs"] if x["strategy_key"] == k)]
     lines.append(f"- Retention: {', '.join(name(k) for k in kept) or 'no strategy'} keeps the base's {base:.3f} in "
                  "every run (the backbone is bit-identical); every other strategy changes what the original head sees.")
     return "\n".join(lines)
+
+
+def search_finding(r: dict, summary, s: int, hand_set: list[str], name) -> str:
+    """Which peer points the search's policy matches or beats on both axes at ``s``/class, which it does not, and
+    which of those a hand-set policy does."""
+    peers = [k for k in r["settings"]["search"]["peers"] if (k, s) in summary]
+    x = summary["search", s]
+    won = [k for k in peers if dominates(x, summary[k, s])]
+    lost = [k for k in peers if k not in won]
+    text = (f"**The search** (accuracy {x['acc']['mean']:.3f} ± {x['acc']['std']:.3f}, retention "
+            f"{x['ret']['mean']:.3f} ± {x['ret']['std']:.3f}) matches or beats on both axes: "
+            f"{', '.join(name(k) for k in won) or 'none of the peer points'}")
+    if lost:
+        reasons = []
+        for k in lost:
+            p = summary[k, s]
+            short_of = [axis for axis, m in (("accuracy", "acc"), ("retention", "ret"))
+                        if x[m]["mean"] < p[m]["mean"] - max(x[m]["std"], p[m]["std"])]
+            by_hand = [name(w) for w in hand_set if dominates(summary[w, s], p)]
+            reasons.append(f"{name(k)} (short on {' and '.join(short_of)}; "
+                           + (f"matched by the hand-set {', '.join(by_hand)}" if by_hand else "no hand-set policy "
+                              "matches it either") + ")")
+        text += "; not: " + "; ".join(reasons)
+    better = [name(k) for (k, t), y in summary.items() if t == s and k != "search"
+              and y["acc"]["mean"] > x["acc"]["mean"] and y["ret"]["mean"] > x["ret"]["mean"]]
+    return text + ". " + (f"Higher on both means than the search: {', '.join(better)}." if better else
+                          "No strategy has both a higher mean accuracy and a higher mean retention (the search's "
+                          "point is on the frontier of the means).")
+
+
+def search_runs_table(r: dict) -> str:
+    """Per data size and seed: the policy the search chose, its trials and budget, and the chosen policy's scores."""
+    st = r["settings"]["search"]
+    runs = sorted((x for x in r["runs"] if x["strategy_key"] == "search"), key=lambda x: (x["shots"], x["seed"]))
+    if not runs:
+        return "(the search strategy has not run)"
+    rows = ["| n/class | seed | chosen policy | trials (of candidates) | trial steps / budget (total incl. final) | "
+            "search s | tolerance | chosen trial: held-out acc / proxy | final: accuracy / retention / proxy |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for x in runs:
+        q = x["search"]
+        chosen = q["rows"][0]
+        rows.append(f"| {x['shots']} | {x['seed']} | `{x['policy']}` | {q['trials']} ({q['candidates']}) | "
+                    f"{q['trial_steps']} / {q['budget']['trials']} ({q['trial_steps'] + x['steps']} of "
+                    f"{q['budget']['total']}) | {q['search_seconds']:.0f} | {q['tolerance']:.3f} | "
+                    f"{chosen['eval_accuracy']:.3f} / {chosen['retention_proxy']:.3f} | {x['val_accuracy']:.3f} / "
+                    f"{x['retention']:.3f} / {q['final_retention_proxy']:.3f} |")
+    proxies = np.array([x["search"]["final_retention_proxy"] for x in runs])
+    kept = np.array([x["retention"] for x in runs])
+    corr = float(np.corrcoef(proxies, kept)[0, 1]) if len(runs) > 2 else float("nan")
+    space = ", ".join(f"{k}={v}" for k, v in st["space"].items())
+    first = runs[0]["search"]
+    return "\n".join(rows) + (
+        f"\n\nBudget per seed: the optimizer steps of one run of each peer point ({', '.join(st['peers'])}): "
+        f"{len(st['peers'])} x the standard run; the trials get all of it but one run's worth, which the final training "
+        f"of the chosen policy on all n images takes. Trials train on {100 * (1 - st['holdout']):.0f}% of each class of "
+        f"the n/class draw (e.g. {first['search_train_images']} images at {runs[0]['shots']}/class) for the standard "
+        f"number of epochs and are scored on the other {100 * st['holdout']:.0f}% (held-out acc). Space: "
+        f"`FreezeSearchSpace({space})`; trials are a seeded random order of its distinct policies. Retention proxy: "
+        f"agreement with the base on {5 * st['source_per_class']} unlabeled train-split images of classes 0-4 (not "
+        f"the test images behind *retention*). Choice: {st['tolerance']}. Across these {len(runs)} runs the final "
+        f"model's proxy and its retention correlate with r = {corr:.3f}. Search seconds: wall time of the trials "
+        "(evaluations and proxy included) on the shared cores, one torch thread.")
 
 
 def bn_readme_table(r: dict) -> str:
@@ -225,10 +293,14 @@ def bn_readme_table(r: dict) -> str:
                     + f" | {size(summary[k, s]['delta']['mean'])} | {summary[k, s]['sec']['mean']:.1f} |")
     for k in r["settings"].get("pending", {}):
         rows.append(f"| {bn_label(r, k)} | " + " | ".join("pending" for _ in shots) + " | | |")
+    searches = [x["search"]["search_seconds"] for x in r["runs"] if x["strategy_key"] == "search" and x["shots"] == s]
+    search_note = (f" The search row's time is the final training of the policy it chose; the search itself (its "
+                   f"trials) took {np.mean(searches):.0f} s more at {s}/class." if searches else "")
     return "\n".join(rows) + (f"\n\nMeans over {plural(len(r['settings']['seeds']), 'seed')}; the base's own retention is "
                               f"{r['base']['retention']:.3f}. Training time: wall seconds on {r['machine']['cores']} "
                               "CPU cores shared with other jobs, one torch thread (noisy). Standard deviations, the "
-                              "frontier plots and the strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md).")
+                              "frontier plots and the strategies' exact recipes: [`docs/benchmarks.md`](docs/benchmarks.md)."
+                              + search_note)
 
 
 def bn_timm_note(r: dict) -> str:
@@ -437,6 +509,48 @@ def mixed_precision_summary(text: str) -> str:
             f"recipe: {classic}.")
 
 
+# ---------------------------------------------------------------------------------------------- policy search
+def search_table(d: dict) -> str:
+    """benchmarks/search.py: the trials ranked, the set-up, and the check that every trial trained what it sampled."""
+    st, space = d["settings"], d["space"]
+    default = next((r for r in d["rows"] if r["policy"] == "freeze=backbone"), None)
+    rows = ["| rank | policy | eval accuracy |", "|---:|---|---:|"]
+    rows += [f"| {i + 1} | `{r['policy']}`{' (the default)' if r is default else ''} | {r['eval_accuracy']:.3f} |"
+             for i, r in enumerate(d["rows"])]
+    mismatched = sum(t["sampled"] != t["applied"] for t in d["trials"].values())
+    rechecks = d["rechecks"]
+    same = all(c["same_loss"] and c["alone"] == c["in_search"] for c in rechecks)
+    return (f"`search_freeze_policies` over the {d['candidates']} distinct policies of `FreezeSearchSpace("
+            + ", ".join(f"{k}={v}" for k, v in space.items() if k in ("freeze", "schedule", "reach", "lr_scale"))
+            + f")` on the real MobileNetV2, Fashion-MNIST {st['shots']} images/class, {st['val']} validation images, "
+            f"{st['size']} px, {st['epochs']:g} epochs ({d['steps_per_trial']} optimizer steps) per trial; "
+            f"{d['seconds']:.0f} s for the {len(d['rows'])} trials on {plural(st['threads'], 'torch thread')} of the "
+            f"shared machine ({d['measured']}, torch {d['torch']}).\n\n" + "\n".join(rows)
+            + f"\n\nEach of the {len(d['trials'])} trials trained the policy it sampled (recorded through "
+            f"`hf_freeze.get_state(model).policy` at train begin: {mismatched} mismatches), and "
+            f"{len(rechecks)} {'policy' if len(rechecks) == 1 else 'policies'} (best and worst) trained again alone, outside the search, gave "
+            + ("the same accuracy and a bit-identical evaluation loss." if same else "**a different score**: "
+               + "; ".join(f"`{c['policy']}` {c['in_search']:.3f} vs {c['alone']:.3f}" for c in rechecks) + "."))
+
+
+def search_readme_sentence(d: dict) -> str:
+    best, runner_up = d["rows"][0], d["rows"][1] if len(d["rows"]) > 1 else None
+    default = next((r for r in d["rows"] if r["policy"] == "freeze=backbone"), None)
+    if default is best:
+        versus = f" (the default; {best['eval_accuracy']:.3f}" + (
+            f", then `{runner_up['policy']}` {runner_up['eval_accuracy']:.3f})" if runner_up else ")")
+    elif default is not None:
+        versus = f" ({best['eval_accuracy']:.3f} vs {default['eval_accuracy']:.3f} for the default `backbone`)"
+    else:
+        versus = f" ({best['eval_accuracy']:.3f})"
+    space = d["space"]
+    return (f"On the real MobileNetV2 few-shot task the {d['candidates']} distinct policies of freeze depths "
+            f"{', '.join(space['freeze'])} x schedules {', '.join(space['schedule'])} (reach {space['reach'][0]}) at LR "
+            f"scale {space['lr_scale'][0]:g} ranked `{best['policy']}` first{versus}; "
+            "`benchmarks/search.py`, figures in [`docs/benchmarks.md`](docs/benchmarks.md#4-linear-probe-feature-cache) "
+            "and `docs/benchmarks/search.json`.")
+
+
 RENDERERS: dict[str, tuple[str, Callable]] = {
     "readme-classic-drift": ("classic_drift", classic_drift_sentence),
     "readme-transfer-bn-settings": ("transfer_bn", bn_readme_settings),
@@ -450,6 +564,9 @@ RENDERERS: dict[str, tuple[str, Callable]] = {
     "bn-findings": ("transfer_bn", bn_findings),
     "bn-timm": ("transfer_bn", bn_timm_note),
     "bn-plots": ("transfer_bn", bn_plots),
+    "bn-search": ("transfer_bn", search_runs_table),
+    "search-mobilenet": ("search", search_table),
+    "readme-search": ("search", search_readme_sentence),
     "mobilenet-settings": ("transfer", mobilenet_settings),
     "mobilenet-accuracy": ("transfer", mobilenet_block("accuracy_table")),
     "mobilenet-time": ("transfer", mobilenet_block("time_table")),

@@ -1,11 +1,12 @@
 """Freeze-policy search on the real MobileNetV2 few-shot task (Fashion-MNIST), and a check of every trial.
 
 ``search_freeze_policies`` over the distinct policies of a ``FreezeSearchSpace`` (freeze depth x schedule x LR
-scale), the same task as ``benchmarks/feature_cache.py``. A callback records, for every trial, the policy the
+scale; recorded in the JSON), the same task as ``benchmarks/feature_cache.py``. A callback records, for every trial, the policy the
 trial sampled and the policy applied to the model that trained; each trial's score is then re-measured by
 training its policy alone (outside the search) and must be the same.
 
-Usage: python benchmarks/search.py [--shots 10] [--val 300] [--size 128] [--epochs 3] [--trials 6] [--json out.json]
+Usage: python benchmarks/search.py [--shots 10] [--val 300] [--size 128] [--epochs 3] [--trials 6] [--threads 1]
+       [--json docs/benchmarks/search.json]      (then: python benchmarks/render_docs.py)
 Skips cleanly when the shared fixtures are absent.
 """
 
@@ -15,8 +16,10 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from feature_cache import datasets_for, model_init_for, targs  # same task, same training arguments
 from shared_data import shared_dir
 from transformers import AutoImageProcessor, TrainerCallback
@@ -43,9 +46,11 @@ def main(argv=None):
     ap.add_argument("--epochs", type=float, default=3)
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--recheck", type=int, default=2, help="trials (best and worst first) re-trained alone")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores)")
     ap.add_argument("--shared", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     root = shared_dir(a.shared)
     path = root / "models" / "mobilenet_v2_1.0_224-imagenet"
     if not path.is_dir() or not (root / "data" / "fashion-mnist").is_dir():
@@ -59,7 +64,9 @@ def main(argv=None):
                                       eval_strategy="epoch"), train_dataset=train, eval_dataset=val,
                                       compute_metrics=accuracy, callbacks=[recorder])
     recorder.trainer = trainer
-    space = hf_freeze.FreezeSearchSpace(freeze=["backbone", "half"], schedule=["none", "late", "gradual"], lr_scale=[0.1])
+    # reach 2: 'late' unfreezes two groups at half-time, 'gradual' one at 1/3 and one at 2/3
+    space = hf_freeze.FreezeSearchSpace(freeze=["backbone", "half"], schedule=["none", "late", "gradual"], reach=["2"],
+                                        lr_scale=[0.1])
     t = time.perf_counter()
     result = hf_freeze.search_freeze_policies(trainer, n_trials=a.trials, space=space)
     seconds = time.perf_counter() - t
@@ -79,8 +86,11 @@ def main(argv=None):
         print(f"re-trained alone: {row['policy']}: accuracy {again['eval_accuracy']:.4f} (search: "
               f"{row['eval_accuracy']:.4f}), eval loss identical: {again['eval_loss'] == row['eval_loss']}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"settings": vars(a), "seconds": seconds, "rows": result.rows,
-                                            "trials": recorder.seen, "rechecks": rechecks}, indent=2, default=float))
+        Path(a.json).write_text(json.dumps({"settings": vars(a), "space": asdict(space), "candidates": result.candidates,
+                                            "steps_per_trial": result.steps_per_trial, "seconds": seconds,
+                                            "rows": result.rows, "trials": recorder.seen, "rechecks": rechecks,
+                                            "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d")},
+                                           indent=2, default=float))
     return 0
 
 

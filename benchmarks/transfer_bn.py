@@ -5,6 +5,11 @@ split, classes 0-4, 30,000 images, cached) is transferred to classes 5-9 with 10
 per class (drawn from the train split, one draw per seed), evaluated on the fixed test-split images of classes
 5-9 (5,000). Every strategy gets the same data, batch size, base learning rate and number of optimizer steps.
 
+The ``search`` strategy runs ``hf_freeze.search_freeze_policies`` on the n/class draw alone (trials on 60% of each
+class, scored on the other 40%, with the retention proxy on unlabeled train-split images of classes 0-4), within the
+optimizer steps of one run of each peer point (full fine-tuning, fastai, both Lightning runs, timm), then trains the
+chosen policy on all n images like any hand-set policy (``SEARCH_*`` below).
+
 Per run it records: validation accuracy; **retention**: the fine-tuned backbone under the base's original
 5-class head on the test images of classes 0-4 (the base scores ``base_retention`` there); the artefact to save
 (every tensor that differs from the base, new head included; the adapter folder for LoRA); training time;
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,6 +49,18 @@ LLRD, TIMM_LAYER_DECAY, LORA_R = 0.8, 0.65, 8
 MLP_HEAD = "mlp:256,relu,dropout=0.2"  # the task-specific head (issue 12) vs the base's own linear classifier
 OUT = ROOT / "docs" / "benchmarks" / "transfer_bn.json"
 FORMAT_VERSION = 1  # bump when a strategy's recipe changes in a way the settings below do not capture
+
+# The search strategy (its settings are not in the run folder's hash: only the search's own runs depend on them,
+# through SEARCH_DIGEST in their file names).
+SEARCH_PEERS = ("full", "fastai", "lightning", "lightning_train", "timm")  # the peer points it is compared with
+SEARCH_HOLDOUT = 0.4  # share of each class of the n/class draw held out to score the trials
+SEARCH_SOURCE_PER_CLASS = 100  # unlabeled train-split images per source class (0-4) for the retention proxy
+SEARCH_SOURCE_SEED = 4321
+SEARCH_SPACE = {"freeze": ["backbone"], "schedule": ["early", "gradual"], "reach": ["all"],
+                "lr_scale": [1.0, 0.3, 0.1], "layer_lr_decay": [None, 0.65]}
+SEARCH_TOLERANCE = ("binomial standard error of the best trial's held-out accuracy, sqrt(p (1 - p) / held-out "
+                    "images): the most retentive trial (by the proxy) among those that close to the best")
+SEARCH_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -84,7 +102,8 @@ STRATEGIES: dict[str, Strategy] = {
     "adapters": Strategy(f"hf_freeze LoRA r={LORA_R} on stage.2 + stage.3 (backbone frozen)", "freeze_trainer",
                          "hf_freeze", lambda e: f"freeze=backbone;adapter=lora,r={LORA_R},alpha={2 * LORA_R},groups=2",
                          "LoRA"),
-    "search": Strategy("hf_freeze search_freeze_policies", "pending", "hf_freeze", short="search"),
+    "search": Strategy("hf_freeze search_freeze_policies (held-out split, peers' budget)", "search", "hf_freeze",
+                       short="search"),
     "fastai": Strategy("fastai fine_tune (Learner, 1 frozen epoch)", "fastai", "peer", short="fastai"),
     "lightning": Strategy("Lightning BackboneFinetuning", "lightning", "peer", short="Lightning"),
     "lightning_train": Strategy("Lightning BackboneFinetuning, model.train()", "lightning_train", "peer",
@@ -95,8 +114,28 @@ RUNNABLE = tuple(k for k, s in STRATEGIES.items() if s.runner != "pending")
 #: run only when named (--strategies): the MLP-head comparison of issue 12 (benchmarks/results/heads_transfer_bn_cpu.json)
 OPT_IN = ("head_only_mlp", "gradual_mlp")
 DEFAULT = tuple(k for k in RUNNABLE if k not in OPT_IN)
-PENDING = {"search": "phase 2: the policy found by hf_freeze.search_freeze_policies on a held-out split of the "
-                     "training images, within the peers' total budget (needs the fixed search, issue 10)"}
+PENDING: dict[str, str] = {}
+
+
+def search_settings() -> dict:
+    return {"version": SEARCH_VERSION, "peers": list(SEARCH_PEERS), "holdout": SEARCH_HOLDOUT,
+            "source_per_class": SEARCH_SOURCE_PER_CLASS, "source_seed": SEARCH_SOURCE_SEED, "space": SEARCH_SPACE,
+            "tolerance": SEARCH_TOLERANCE}
+
+
+SEARCH_DIGEST = hashlib.sha256(json.dumps(search_settings(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def standard_steps(shots: int, epochs: int) -> int:
+    """Optimizer steps of every strategy's run at ``shots``/class (5 classes, batch BATCH, last batch kept)."""
+    return epochs * math.ceil(5 * shots / BATCH)
+
+
+def search_budget(shots: int, epochs: int) -> dict:
+    """The search's budget: the optimizer steps of the peer points' runs at this data size (one run each, per seed);
+    the trials get all of it but one run's worth, which the final training of the chosen policy takes."""
+    run = standard_steps(shots, epochs)
+    return {"per_run": run, "total": len(SEARCH_PEERS) * run, "trials": (len(SEARCH_PEERS) - 1) * run, "final": run}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -144,6 +183,35 @@ def load_task(shared: Path, base: Path, shots: int, seed: int, quick: bool = Fal
 
     return Task(pixels(images, tr), target(labels, tr), pixels(test_images, va), target(test_labels, va),
                 pixels(test_images, ke), torch.from_numpy(test_labels[ke]))
+
+
+def source_images(shared: Path, base: Path):
+    """Unlabeled train-split images of the source classes 0-4 (the base's own task; never the test images that
+    measure retention), for the search's retention proxy."""
+    from bn_base import FMNIST, SOURCE_CLASSES, class_subset, gray_pixels
+    from shared_data import fashion_mnist
+    from transformers import AutoImageProcessor
+
+    from hf_freeze.demo.pretrain import normalize
+
+    processor = AutoImageProcessor.from_pretrained(base)
+    images, labels = fashion_mnist(shared / FMNIST, "train")
+    idx = class_subset(labels, SOURCE_CLASSES, SEARCH_SOURCE_PER_CLASS, SEARCH_SOURCE_SEED)
+    return normalize(gray_pixels(images[idx]), processor.image_mean, processor.image_std)
+
+
+def holdout_split(labels, fraction: float, seed: int):
+    """(train indices, held-out indices): ``round(fraction * count)`` of each class held out, drawn with ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = round(fraction * len(idx))
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
 class TupleDataset:
@@ -295,6 +363,41 @@ def train(strategy: Strategy, model, task: Task, epochs: int, seed: int, workdir
     return extra
 
 
+def run_search(task: Task, shared: Path, base: Path, shots: int, epochs: int, seed: int, workdir: Path) -> dict:
+    """``search_freeze_policies`` on a held-out split of the n/class draw, within the peers' budget; returns the
+    chosen policy and the search's facts. The model factory is the same ``load_for_transfer(base, seed)``."""
+    from transfer import PixelDataset
+    from transformers import AutoModelForImageClassification
+
+    import hf_freeze
+    from hf_freeze.metrics import classification_metrics
+
+    tr, va = holdout_split(task.train_y.numpy(), SEARCH_HOLDOUT, seed)
+    budget = search_budget(shots, epochs)
+    args = training_args(workdir / "search", epochs, seed)
+    trainer = hf_freeze.FreezeTrainer(
+        model_init=lambda: load_for_transfer(base, seed), args=args, compute_metrics=classification_metrics,
+        train_dataset=PixelDataset(task.train_x[tr], task.train_y[tr]),
+        eval_dataset=PixelDataset(task.train_x[va], task.train_y[va]))
+    reference = AutoModelForImageClassification.from_pretrained(base)
+    images = source_images(shared, base)
+    start = time.perf_counter()
+    result = hf_freeze.search_freeze_policies(
+        trainer, space=hf_freeze.FreezeSearchSpace(**SEARCH_SPACE), seed=seed, max_steps=budget["trials"],
+        retention_images=images, reference_model=reference)
+    p = result.best["eval_accuracy"]
+    tolerance = math.sqrt(p * (1 - p) / len(va))
+    chosen = result.select(tolerance)
+    seconds = time.perf_counter() - start
+    return {"policy": chosen.best["policy"], "proxy": hf_freeze.RetentionProxy(reference, images),
+            "facts": {"trials": len(result.rows), "candidates": result.candidates, "steps_per_trial":
+                      result.steps_per_trial, "trial_steps": result.total_steps, "budget": budget,
+                      "search_train_images": len(tr), "heldout_images": len(va), "tolerance": tolerance,
+                      "search_seconds": seconds,
+                      "rows": [{k: r[k] for k in ("trial", "policy", "eval_accuracy", "retention_proxy", "pareto")}
+                               for r in chosen.rows]}}
+
+
 def load_for_transfer(base: Path, seed: int):
     """The base with a freshly initialised 5-class head for classes 5-9 (same shape as the old head, so it is
     re-initialised explicitly: ``ignore_mismatched_sizes`` would keep it)."""
@@ -335,9 +438,15 @@ def run_one(key: str, shared: Path, base: Path, shots: int, seed: int, epochs: i
     pretrained = state_copy(model)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        search = None
+        if strategy.runner == "search":  # find the policy, then train it like any hand-set policy
+            search = run_search(task, shared, base, shots, epochs, seed, workdir)
+            strategy = Strategy(strategy.label, "freeze_trainer", "hf_freeze", lambda e: search["policy"])
         start, cpu_start = time.perf_counter(), time.process_time()
         extra = train(strategy, model, task, epochs, seed, workdir)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        if search is not None:
+            extra["search"] = {**search["facts"], "final_retention_proxy": search["proxy"](model)}
         trainable = extra.pop("trainable_params_adapter", None) or sum(
             p.numel() for p in model.parameters() if p.requires_grad)
         val = accuracy(model, task.val_x, task.val_y)
@@ -366,7 +475,8 @@ def run_dir(a, base: Path) -> Path:
 
 
 def run_path(folder: Path, key: str, shots: int, seed: int, epochs: int) -> Path:
-    return folder / f"{key}-{shots}-e{epochs}-s{seed}.json"
+    tag = f"{key}.{SEARCH_DIGEST}" if key == "search" else key  # a changed search recipe runs again
+    return folder / f"{tag}-{shots}-e{epochs}-s{seed}.json"
 
 
 def worker(a) -> None:
@@ -449,6 +559,7 @@ def orchestrate(a) -> dict | None:
                             "family": {k: STRATEGIES[k].family for k in STRATEGIES},
                             "policies": {k: STRATEGIES[k].policy(EPOCHS[SHOTS[0]]) for k in STRATEGIES
                                          if STRATEGIES[k].policy}, "pending": PENDING,
+                            "search": search_settings(),
                             "threads": a.threads},
                "machine": machine_info(), "base": base_facts(base, shared, a.quick), "runs": runs,
                "minutes_this_invocation": round((time.time() - started) / 60, 1)}

@@ -27,6 +27,7 @@ _EXPORTS = {
     "FreezeCallback": "callback", "FreezeTrainer": "trainer", "FreezeTrainerMixin": "trainer",
     "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "policy",
     "FreezeSearchSpace": "search", "SearchResult": "search", "search_freeze_policies": "search",
+    "RetentionProxy": "search",
     # adapters
     "AdapterConfig": "adapter_config", "AdapterPlan": "adapter_plan", "add_adapter": "adapters", "load_adapter": "adapters",
     "save_adapter": "adapters",
@@ -73,6 +74,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed i
     from .plan import FreezePlan, resolve
     from .policy import FreezePolicy, Unfreeze, policy_from_pretrained
     from .report import FreezeReport, freeze_report
-    from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
+    from .search import FreezeSearchSpace, RetentionProxy, SearchResult, search_freeze_policies
     from .state import get_state
     from .trainer import FreezeTrainer, FreezeTrainerMixin

@@ -74,7 +74,7 @@ class FreezeArguments:
         if self.feature_cache not in MODES:
             problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
         if self.freeze_policy_file:
-            given = [f"--{flag}" for flag in self._given_flags()]
+            given = [f"--{flag}" for flag in self.given_flags()]
             if given:
                 problems.append(f"--freeze_policy_file sets the whole policy, so {', '.join(given)} would be ignored; "
                                 "give either the file or the flags")
@@ -90,7 +90,7 @@ class FreezeArguments:
         if problems:
             raise FreezePolicyError("; ".join(problems))
 
-    def _given_flags(self) -> list[str]:
+    def given_flags(self) -> list[str]:
         """The policy and adapter flags given (not at their default)."""
         defaults = {f.name: f.default for f in fields(FreezeArguments)}
         return [flag for flag in (*POLICY_FLAGS, *ADAPTER_FLAGS)
@@ -101,7 +101,7 @@ class FreezeArguments:
         if self.freeze_policy_file:
             return FreezePolicy.from_pretrained(self.freeze_policy_file)
         adapter = self.adapter_config()
-        given = [flag for flag in self._given_flags() if flag in POLICY_FLAGS]
+        given = [flag for flag in self.given_flags() if flag in POLICY_FLAGS]
         if not given and adapter is None:
             return None
         values = {name: _fields.parse_value(FreezePolicy, name, getattr(self, flag))

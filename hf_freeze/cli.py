@@ -2,6 +2,7 @@
 
     hf-freeze inspect MODEL [--freeze VALUE | --policy STRING] [--json]
     hf-freeze search (--model MODEL --train_dir DIR --validation_dir DIR | --demo) [--n_trials 8] [--epochs 3]
+                     [--budget_steps N] [--retention_dir DIR [--tolerance 0.01]]
 
 MODEL is a Hub id, a local folder, or ``tiny:<model_type>`` (a tiny random config of any type in
 transformers' image-classification mapping). Only the config is read; the model is built on the
@@ -28,8 +29,9 @@ from .policy import FreezePolicy
 from .tiny import tiny_config
 
 DEBUG_ENV = "HF_FREEZE_DEBUG"
-SEARCH_FREEZE = ("backbone", "half")
-SEARCH_SCHEDULES = ("none", "late", "gradual")
+SEARCH_FREEZE = ("backbone", "half", "none")
+SEARCH_SCHEDULES = ("none", "early", "late", "gradual")
+SEARCH_REACH = ("half", "all")
 
 
 class UsageError(Exception):
@@ -141,9 +143,32 @@ def search_freeze_choice(value: str) -> str:
 
 
 def schedule_choice(value: str) -> str:
+    if value.startswith("at:"):
+        from .search import schedule_fractions  # start-up module: the search (torch) loads only for an at: schedule
+
+        try:
+            schedule_fractions(value)
+        except FreezePolicyError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
     if value not in SEARCH_SCHEDULES:
-        raise argparse.ArgumentTypeError(unknown_choice("schedule", value, SEARCH_SCHEDULES))
+        raise argparse.ArgumentTypeError(unknown_choice("schedule", value, [*SEARCH_SCHEDULES, "at:F1+F2"]))
     return value
+
+
+def reach_choice(value: str) -> str:
+    if value in SEARCH_REACH or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(unknown_choice("reach", value, [*SEARCH_REACH, "N (a group count)"]))
+
+
+def decay_choice(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    number = positive_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"layer_lr_decay must be in (0, 1] or none, got {value!r}")
+    return number
 
 
 def bool_choice(value: str) -> bool:
@@ -263,13 +288,26 @@ def _search(args) -> int:
         report_to=[], remove_unused_columns=False, seed=args.seed, disable_tqdm=True)
     trainer = FreezeTrainer(model_init=model_init, args=training_args, train_dataset=train, eval_dataset=val,
                             compute_metrics=classification_metrics)
-    space = FreezeSearchSpace(freeze=args.freeze_choices, schedule=args.schedules, lr_scale=args.lr_scales,
-                              train_bn=args.train_bn_choices)
-    result = search_freeze_policies(trainer, n_trials=args.n_trials, space=space, seed=args.seed)
+    space = FreezeSearchSpace(freeze=args.freeze_choices, schedule=args.schedules, reach=args.reach,
+                              lr_scale=args.lr_scales, layer_lr_decay=args.layer_lr_decays,
+                              unfreeze_bn=args.unfreeze_bn_choices, train_bn=args.train_bn_choices,
+                              learning_rate=args.learning_rates or [None])
+    retention = {}
+    if args.retention_dir:
+        import datasets  # optional dependency (hf_freeze[examples]), as in _image_datasets
+
+        with input_errors(f"--retention_dir {args.retention_dir!r}"):
+            unlabeled = datasets.load_dataset("imagefolder", data_dir=args.retention_dir, split="train")
+            images = processor([im.convert("RGB") for im in unlabeled["image"]], return_tensors="pt")["pixel_values"]
+            reference = AutoModelForImageClassification.from_pretrained(model_path)  # its original head
+        retention = {"retention_images": images, "reference_model": reference, "tolerance": args.tolerance}
+    result = search_freeze_policies(trainer, n_trials=args.n_trials, space=space, seed=args.seed,
+                                    max_steps=args.budget_steps, **retention)
     out = result.save(args.output_dir)
     print(result.to_markdown())
-    print(f"best policy: {result.best_policy.to_string()}  -> {out / POLICY_FILE} "
-          f"(train with --freeze_policy_file {out / POLICY_FILE})")
+    print(f"best policy: {result.best_policy.to_string()} at learning rate {result.best_learning_rate:g} -> "
+          f"{out / POLICY_FILE} (train with --freeze_policy_file {out / POLICY_FILE} "
+          f"--learning_rate {result.best_learning_rate:g})")
     return 0
 
 
@@ -281,6 +319,9 @@ def _check_search(parser: Parser, args) -> None:
                      "(or drop --demo)")
     if not args.demo and not (args.model and len(folders) == 2):
         parser.error("give --model, --train_dir and --validation_dir, or --demo")
+    if args.tolerance is not None and not args.retention_dir:
+        parser.error("--tolerance picks the most retentive trial among the near-best ones: give --retention_dir "
+                     "(unlabeled images of the pretrained model's own task) too")
 
 
 def build_parser() -> Parser:
@@ -300,7 +341,8 @@ def build_parser() -> Parser:
                        help="a whole policy string, e.g. 'freeze=stem:stage.2;unfreeze=epoch2:1@0.1'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     s = sub.add_parser("search", parents=[common],
-                       help="search freeze depth / schedule / LR scale / train_bn with hyperparameter_search")
+                       help="search freeze depth, schedule, reach, LR, LR scale, layer_lr_decay and BatchNorm with "
+                            "hyperparameter_search, optionally weighing a label-free retention proxy")
     s.add_argument("--model", type=pretrained_source,
                    help="pretrained model (Hub id or folder); with --demo: the embedded digits base")
     s.add_argument("--train_dir", type=existing_folder, help="imagefolder with the training images")
@@ -314,11 +356,26 @@ def build_parser() -> Parser:
     s.add_argument("--learning_rate", type=positive_float, default=3e-3)
     s.add_argument("--batch_size", type=positive_int, default=16)
     s.add_argument("--freeze_choices", type=comma_list(search_freeze_choice), default="backbone,half",
-                   help="comma-separated: backbone, half, or group counts")
+                   help="comma-separated: backbone, half, none, or group counts")
     s.add_argument("--schedules", type=comma_list(schedule_choice), default="none,late,gradual",
-                   help="comma-separated: none, late, gradual")
+                   help="comma-separated: none, early (a tenth of training), late (half-time), gradual (1/3 and 2/3), "
+                        "or at:F1+F2 (fractions of training)")
+    s.add_argument("--reach", type=comma_list(reach_choice), default="1,all",
+                   help="comma-separated: how many frozen groups the schedule unfreezes by the end (N, half, all)")
     s.add_argument("--lr_scales", type=comma_list(positive_float), default="1.0,0.1")
+    s.add_argument("--learning_rates", type=comma_list(positive_float), default=None,
+                   help="comma-separated learning rates to search (default: --learning_rate only)")
+    s.add_argument("--layer_lr_decays", type=comma_list(decay_choice), default="none",
+                   help="comma-separated: none or factors in (0, 1]")
+    s.add_argument("--unfreeze_bn_choices", type=comma_list(bool_choice), default="false")
     s.add_argument("--train_bn_choices", type=comma_list(bool_choice), default="false")
+    s.add_argument("--budget_steps", type=positive_int, default=None,
+                   help="total optimizer steps over all trials (default: no limit besides --n_trials)")
+    s.add_argument("--retention_dir", type=existing_folder, default=None,
+                   help="unlabeled images of the pretrained model's own task (an image folder; labels are ignored): "
+                        "each trial gets a retention proxy, its agreement with --model's original head")
+    s.add_argument("--tolerance", type=_number(float, 0, inclusive=True), default=None,
+                   help="with --retention_dir: pick the most retentive trial within this much of the best accuracy")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--output_dir", default="outputs/search")
     parser.commands.update(inspect=p, search=s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from . import feature_cache as fc
 from ._compat import moved_names
 from ._logging import get_logger
 from .adapters import add_adapter
-from .args import policy_from_fields
+from .args import FreezeArguments, policy_from_fields
 from .callback import FreezeCallback
 from .checkpoints import check_resume_policy, last_complete_checkpoint
 from .delta import apply_delta_restoring_base, save_adapter_base, save_delta
@@ -159,7 +160,14 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
         if trial is None or backend is None:
             return None
         params = self.hp_space(trial) if str(getattr(backend, "value", backend)) == "optuna" else dict(trial)
-        return policy_from_fields(self.args, params)
+        policy = policy_from_fields(self.args, params)
+        if policy is not None:
+            # _hp_search_setup casts each trial value to the type of the args' current one (the previous trial's):
+            # a trial without layer_lr_decay (None) after one with 0.8 would fail. Set this trial's fields now.
+            for f in fields(FreezeArguments):
+                if f.name in params:
+                    setattr(self.args, f.name, params[f.name])
+        return policy
 
     # ------------------------------------------------------------------ saving: full or delta
     @property

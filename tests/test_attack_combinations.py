@@ -282,9 +282,6 @@ def _search_trainer(base_dir, out, **kw):
                          train_dataset=TinyImages(n=16), eval_dataset=TinyImages(n=8, seed=7), compute_metrics=_accuracy)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a search whose FreezeTrainingArguments also set a policy field the "
-                   "trials do not set (layer_lr_decay) is not refused up front: the first trial trains in full, then "
-                   "the search dies with 'sampled X but trained Y'")
 def test_search_with_a_policy_field_in_the_args_is_refused_before_any_trial(base_dir, tmp_path):
     t = _search_trainer(base_dir, tmp_path, layer_lr_decay=0.8)
     with pytest.raises((FreezePolicyError, ValueError), match="layer_lr_decay"):
@@ -292,9 +289,6 @@ def test_search_with_a_policy_field_in_the_args_is_refused_before_any_trial(base
     assert t.state.global_step == 0  # nothing was trained for nothing
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the default search space times its schedules from num_train_epochs "
-                   "even when max_steps ends the run first: 'late' never fires, two candidates train identically and "
-                   "the search can rank a policy whose event never ran first")
 def test_search_space_follows_max_steps(base_dir, tmp_path):
     t = _search_trainer(base_dir, tmp_path, num_train_epochs=4, max_steps=2, eval_strategy="steps", eval_steps=2)
     space = hf_freeze.FreezeSearchSpace(freeze=["backbone"], schedule=["none", "late"], lr_scale=[1.0])

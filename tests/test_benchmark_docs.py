@@ -54,6 +54,15 @@ def test_a_changed_result_figure_makes_the_docs_stale(tmp_path):
     assert render_docs.stale_blocks(root) == []
 
 
+def test_a_changed_search_figure_makes_the_search_blocks_stale(tmp_path):
+    root = copy_project(tmp_path)
+    path = root / render_docs.SOURCES["search"]
+    results = json.loads(path.read_text())
+    results["rows"][0]["eval_accuracy"] += 0.01
+    path.write_text(json.dumps(results))
+    assert set(render_docs.stale_blocks(root)) == {"README.md:readme-search", "docs/benchmarks.md:search-mobilenet"}
+
+
 def test_a_hand_edited_figure_inside_a_block_is_caught(tmp_path):
     root = copy_project(tmp_path)
     readme = root / "README.md"
@@ -118,6 +127,52 @@ def test_results_hold_every_strategy_seed_and_size_once():
     for r in results["runs"]:  # the same number of optimizer steps for every strategy at a data size
         same = {x["steps"] for x in results["runs"] if x["shots"] == r["shots"]}
         assert same == {r["steps"]}, (r["shots"], same)
+
+
+def test_every_search_run_stayed_within_the_peer_points_budget():
+    results = json.loads((ROOT / render_docs.SOURCES["transfer_bn"]).read_text())
+    peers = results["settings"]["search"]["peers"]
+    assert set(peers) == {"full", "fastai", "lightning", "lightning_train", "timm"}
+    searches = [r for r in results["runs"] if r["strategy_key"] == "search"]
+    assert len(searches) == len(results["settings"]["shots"]) * len(results["settings"]["seeds"])
+    for r in searches:
+        q = r["search"]
+        peer_steps = sum(x["steps"] for x in results["runs"]
+                         if x["strategy_key"] in peers and x["shots"] == r["shots"] and x["seed"] == r["seed"])
+        assert q["budget"]["total"] == peer_steps and q["budget"]["final"] == r["steps"]
+        assert q["trial_steps"] + r["steps"] <= peer_steps and q["trial_steps"] == q["trials"] * q["steps_per_trial"]
+        assert r["policy"] == q["rows"][0]["policy"] and len(q["rows"]) == q["trials"] <= q["candidates"]
+        assert q["search_train_images"] + q["heldout_images"] == r["train_images"]
+
+
+def test_search_finding_names_the_peers_it_beats_and_why_it_misses_the_others():
+    def point(acc, ret, std=0.01):
+        return {"acc": stats(acc, std), "ret": stats(ret, std)}
+
+    summary = {("search", 10): point(0.85, 0.90), ("full", 10): point(0.855, 0.70), ("timm", 10): point(0.90, 0.80),
+               ("gradual", 10): point(0.90, 0.85)}
+    r = {"settings": {"search": {"peers": ["full", "timm"]}}}
+    text = render_docs.search_finding(r, summary, 10, ["gradual"], lambda k: k)
+    assert "matches or beats on both axes: full;" in text
+    assert "not: timm (short on accuracy; matched by the hand-set gradual)" in text
+    assert "Higher on both means than the search: none" not in text and "on the frontier of the means" in text
+    summary["gradual", 10] = point(0.90, 0.95)
+    assert "Higher on both means than the search: gradual." in render_docs.search_finding(
+        r, summary, 10, ["gradual"], lambda k: k)
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    import numpy as np
+
+    labels = np.repeat(np.arange(5), 10)
+    train, held = transfer_bn.holdout_split(labels, 0.4, seed=1)
+    assert not set(train) & set(held) and sorted([*train, *held]) == list(range(50))
+    assert all((labels[held] == c).sum() == 4 for c in range(5))
+    again, _ = transfer_bn.holdout_split(labels, 0.4, seed=1)
+    other, _ = transfer_bn.holdout_split(labels, 0.4, seed=2)
+    assert list(again) == list(train) and list(other) != list(train)
+    budget = transfer_bn.search_budget(10, 30)
+    assert budget == {"per_run": 60, "total": 300, "trials": 240, "final": 60}
 
 
 # ---------------------------------------------------------------------------------------------- the peers' set-up

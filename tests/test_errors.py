@@ -169,9 +169,16 @@ def test_search_refuses_bad_choices_before_creating_anything(tmp_path):
     out = tmp_path / "search_out"
     cases = {
         ("--demo", "--schedules", "none,lat"): "argument --schedules: schedule 'lat' is not valid (did you mean "
-                                               "'late'?); valid: none, late, gradual",
+                                               "'late'?); valid: none, early, late, gradual, at:F1+F2",
+        ("--demo", "--schedules", "at:0.7+0.2"): "unknown schedule 'at:0.7+0.2'; valid: none, early, late, gradual, "
+                                                 "or 'at:F1+F2+...'",
         ("--demo", "--freeze_choices", "backbon"): "freeze choice 'backbon' is not valid (did you mean 'backbone'?); "
-                                                   "valid: backbone, half, N (a group count)",
+                                                   "valid: backbone, half, none, N (a group count)",
+        ("--demo", "--reach", "most"): "reach 'most' is not valid; valid: half, all, N (a group count)",
+        ("--demo", "--layer_lr_decays", "none,1.5"): "layer_lr_decay must be in (0, 1] or none, got '1.5'",
+        ("--demo", "--budget_steps", "0"): "argument --budget_steps: must be >= 1, got '0'",
+        ("--demo", "--tolerance", "0.01"): "--tolerance picks the most retentive trial among the near-best ones: "
+                                           "give --retention_dir",
         ("--demo", "--lr_scales", "1,-0.1"): "argument --lr_scales: must be > 0, got '-0.1'",
         ("--demo", "--n_trials", "0"): "argument --n_trials: must be >= 1, got '0'",
         ("--demo", "--train_dir", str(tmp_path)): "--demo trains on the embedded digits task; drop --train_dir",
