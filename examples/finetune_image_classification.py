@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -41,8 +41,18 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_freeze
 from hf_freeze import FreezeTrainer, FreezeTrainingArguments
-from hf_freeze.checks import did_you_mean, model_source_problem
-from hf_freeze.cli import DEBUG_ENV, debug_enabled, one_line
+from hf_freeze.args import DeltaArguments, FreezeArguments
+from hf_freeze.checks import (
+    argparse_hint,
+    did_you_mean,
+    flag_hint,
+    json_value_problems,
+    model_source_problem,
+    one_line,
+    training_number_problems,
+    unknown_choice,
+)
+from hf_freeze.cli import DEBUG_ENV, debug_enabled
 from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.metrics import classification_metrics
 
@@ -79,7 +89,9 @@ class ModelArguments:
         problems = []
         for flag in ("model_name_or_path", "config_name", "image_processor_name"):
             value = getattr(self, flag)
-            problem = model_source_problem(value, tiny=False) if value else None
+            needs = ({"needs": "preprocessor_config.json", "what": "a saved image processor"}
+                     if flag == "image_processor_name" else {})
+            problem = model_source_problem(value, tiny=False, **needs) if value else None
             if problem:
                 problems.append(f"--{flag}: {problem}")
         if self.model_type is not None and self.model_type not in MODEL_TYPES:
@@ -137,6 +149,10 @@ class DataArguments:
             problems.append(str(e))
         if self.min_crop_scale is not None and not 0 < self.min_crop_scale <= 1:
             problems.append(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                problems.append(f"--{flag} must be a number of images >= 1, got {value} (leave it out to use them all)")
         if self.image_size is not None and self.image_size < 1:
             problems.append(f"--image_size must be a positive number of pixels, got {self.image_size}")
         if problems:
@@ -316,6 +332,11 @@ def load_model(path: str, model_args: ModelArguments, labels: list[str]):
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
 
+def default_augment(data_args: DataArguments) -> str:
+    """The augmentation when ``--augment`` is not given: the digits' own, else transformers' example's."""
+    return EMBEDDED_AUGMENT if data_args.embedded else "crop,flip"
+
+
 def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrainingArguments) -> None:
     """The digits task's own defaults for what the command line left unset (policy, augmentation)."""
     if data_args.embedded and training_args.freeze_policy() is None:
@@ -323,7 +344,7 @@ def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrain
         training_args.unfreeze = ",".join(u.to_string() for u in EMBEDDED_POLICY.unfreeze)
         training_args.layer_lr_decay = EMBEDDED_POLICY.layer_lr_decay
     if data_args.augment is None:
-        data_args.augment = EMBEDDED_AUGMENT if data_args.embedded else "crop,flip"
+        data_args.augment = default_augment(data_args)
     if data_args.min_crop_scale is None:
         data_args.min_crop_scale = EMBEDDED_MIN_CROP_SCALE if data_args.embedded else 0.08
 
@@ -362,21 +383,76 @@ class ArgumentParser(HfArgumentParser):
     """``HfArgumentParser`` whose errors are one line, ``prog: error: message``, exit code 2 (no usage block)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}{argparse_hint(message)}\n")
 
     def unknown_flags(self, remaining: list[str]) -> str:
         known = list(self._option_string_actions)  # argparse's table of flags
-        hints = "".join(did_you_mean(f.split("=")[0], known) for f in remaining if f.startswith("--"))
+        hints = "".join(flag_hint(f, known) for f in remaining if f.startswith("--"))
         return f"unrecognized arguments: {' '.join(remaining)}{hints}"
+
+
+#: flags naming a path, a model, a policy value...: an empty value (``--train_dir "$DATA"`` with DATA unset) is
+#: refused rather than read as "not given", which would silently run the embedded default task/base/policy
+NON_EMPTY_FLAGS = frozenset({f.name for cls in (ModelArguments, DataArguments, FreezeArguments, DeltaArguments)
+                             for f in fields(cls)} | {"output_dir", "resume_from_checkpoint", "logging_dir"})
+
+
+def read_args_file(path: str, parser: HfArgumentParser) -> dict:
+    """The values of an ``args.json``, with unknown keys and wrongly typed values refused (ValueError naming them):
+    ``HfArgumentParser.parse_json_file`` would pass ``"3"`` or ``"abc"`` for a number to the dataclasses unchecked."""
+    values = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of argument names and values, got {type(values).__name__}")
+    problems = json_value_problems(parser.dataclass_types, values)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return values
+
+
+def report_to_problems(report_to) -> list[str]:
+    """``--report_to`` names transformers knows and whose package is installed (the Trainer would refuse an unknown
+    one only after loading the data and the model, and a missing package with a traceback)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    problems, available = [], get_available_reporting_integrations()
+    for name in report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            problems.append(unknown_choice("--report_to", name, ["all", "none", *INTEGRATION_TO_CALLBACK]))
+        elif name not in available:
+            try:  # not found installed: the callback's constructor says which package it needs (and does nothing else)
+                INTEGRATION_TO_CALLBACK[name]()
+            except (RuntimeError, ImportError) as e:
+                problems.append(f"--report_to {name}: {one_line(e)}")
+    return problems
+
+
+def feature_cache_problems(data_args: DataArguments, training_args) -> list[str]:
+    """A forced feature cache (``memory``/``disk``) computes each training image's features once, so it cannot
+    follow this script's random augmentation (on by default); ``auto`` turns itself off where it would differ."""
+    problems = []
+    if training_args.feature_cache in ("memory", "disk"):
+        augment = data_args.augment if data_args.augment is not None else default_augment(data_args)
+        if parse_augment(augment):
+            default = "" if data_args.augment is not None else " (the default)"
+            problems.append(f"--feature_cache {training_args.feature_cache} computes each training image's features "
+                            f"once, but --augment {augment!r}{default} changes the images every epoch: add --augment "
+                            "none, or use --feature_cache auto (it is used only where it gives the same training)")
+    folder = training_args.feature_cache_dir
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        problems.append(f"--feature_cache_dir {folder!r} is a file; give a folder")
+    return problems
 
 
 def parse_args(argv: list[str] | None = None):
     """``(model_args, data_args, training_args)``; every check that needs no model runs here (ValueError)."""
     parser = ArgumentParser((ModelArguments, DataArguments, FreezeTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        json_file = os.path.abspath(sys.argv[1])
-        model_args, data_args, training_args = parser.parse_json_file(json_file=json_file)
-        given = set(json.loads(Path(json_file).read_text()))
+        values = read_args_file(os.path.abspath(sys.argv[1]), parser)
+        model_args, data_args, training_args = parser.parse_dict(values)
+        given = set(values)
     else:
         argv = sys.argv[1:] if argv is None else argv
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -384,11 +460,19 @@ def parse_args(argv: list[str] | None = None):
             raise ValueError(parser.unknown_flags(remaining))
         model_args, data_args, training_args = parsed
         given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    resume = training_args.resume_from_checkpoint
-    if resume and not Path(resume).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder (give a checkpoint-N folder)")
     if not given & {"do_train", "do_eval", "do_predict"}:  # none given: train, and evaluate (as before)
         training_args.do_train = training_args.do_eval = True
+    problems = [f"--{name} is empty (an unset shell variable?): give a value or leave the flag out"
+                for name in sorted(given & NON_EMPTY_FLAGS)
+                if any(getattr(args, name, None) == "" for args in (model_args, data_args, training_args))]
+    resume = training_args.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        problems.append(f"--resume_from_checkpoint {resume!r} is not a folder (give a checkpoint-N folder)")
+    problems += training_number_problems(training_args)
+    problems += report_to_problems(training_args.report_to)
+    problems += feature_cache_problems(data_args, training_args)
+    if problems:
+        raise ValueError("; ".join(problems))
     return model_args, data_args, training_args
 
 

@@ -123,8 +123,6 @@ def images(tmp_path_factory) -> Path:
 
 
 # ================================================================== silent wrong results
-@pytest.mark.xfail(strict=True, reason="BUG: an empty --train_dir/--model_name_or_path/--freeze_policy_file value "
-                                       "(an unset shell variable) silently runs the embedded digits task/base/policy")
 @pytest.mark.parametrize("flag", ["--train_dir", "--model_name_or_path", "--freeze_policy_file"])
 def test_empty_path_value_is_refused_not_replaced_by_the_embedded_default(tmp_path, flag):
     # `--train_dir "$DATA"` with DATA unset: upstream stops ("You must specify either a dataset name from the hub
@@ -153,9 +151,6 @@ def test_top_k_accuracy_of_nan_logits_is_not_perfect():
     assert metrics["accuracy"] == 0.0, metrics
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hf-freeze search accepts --learning_rate inf / --epochs nan / "
-                                       "--lr_scales nan: inf trains every trial to NaN and picks a 'best' policy; "
-                                       "nan fails only after pretraining and creating --output_dir")
 @pytest.mark.parametrize("argv", [["--learning_rate", "inf"], ["--learning_rate", "nan"], ["--epochs", "nan"],
                                   ["--lr_scales", "1,nan"]])
 def test_search_refuses_nan_and_inf_numbers_while_parsing(tmp_path, monkeypatch, capsys, argv):
@@ -172,8 +167,6 @@ def test_search_refuses_nan_and_inf_numbers_while_parsing(tmp_path, monkeypatch,
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --delta_base_model ./no/such is accepted; the run exits 0 with a "
-                                       "delta that points at a base that does not exist (no model.safetensors)")
 def test_delta_base_model_missing_folder_is_refused_while_parsing(tmp_path):
     # checked by hand: the full run exits 0 and writes freeze_delta.json {"base_model": "./no/such", ...}
     message = refused_while_parsing(tmp_path, "--save_delta", "--delta_base_model", "./no/such")
@@ -181,9 +174,6 @@ def test_delta_base_model_missing_folder_is_refused_while_parsing(tmp_path):
 
 
 # ================================================================== false refusals (drop-in broken)
-@pytest.mark.xfail(strict=True, reason="BUG: --image_processor_name DIR is refused when DIR holds only "
-                                       "preprocessor_config.json (what processor.save_pretrained writes); upstream "
-                                       "and AutoImageProcessor accept it")
 def test_image_processor_name_accepts_a_processor_only_folder(tmp_path):
     from transformers import AutoImageProcessor, ViTImageProcessor
 
@@ -196,26 +186,18 @@ def test_image_processor_name_accepts_a_processor_only_folder(tmp_path):
 
 
 # ================================================================== crashes and late / unclear errors
-@pytest.mark.xfail(strict=True, reason="BUG: --max_train_samples 0/-1 crash mid-run with a traceback after "
-                                       "--output_dir exists; --max_eval_samples 0/-1 silently drop the accuracy")
 @pytest.mark.parametrize("argv", [["--max_train_samples", "0"], ["--max_train_samples", "-1"],
                                   ["--max_eval_samples", "0"], ["--max_eval_samples", "-1"]])
 def test_non_positive_sample_counts_are_refused_while_parsing(tmp_path, argv):
     assert argv[0] in refused_while_parsing(tmp_path, *argv)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --learning_rate -1/nan, --num_train_epochs -1, "
-                                       "--per_device_train_batch_size 0 pass parsing: a traceback after --output_dir "
-                                       "exists, or (epochs -1) exit 0 with an untrained model")
 @pytest.mark.parametrize("argv", [["--learning_rate", "-1"], ["--learning_rate", "nan"],
                                   ["--num_train_epochs", "-1"], ["--per_device_train_batch_size", "0"]])
 def test_training_numbers_are_checked_while_parsing(tmp_path, argv):
     assert argv[0] in refused_while_parsing(tmp_path, *argv)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an args.json with a number as a string ('learning_rate': 'abc', "
-                                       "'num_train_epochs': '3') is not type-checked: TypeError traceback (at parse "
-                                       "time, or after pretraining and creating --output_dir)")
 @pytest.mark.parametrize("fields", [{"learning_rate": "abc"}, {"num_train_epochs": "3", "unfreeze": "epoch2:1"}])
 def test_args_json_with_a_wrongly_typed_value_is_a_clear_error(tmp_path, monkeypatch, fields):
     args_json = tmp_path / "args.json"
@@ -266,9 +248,6 @@ def test_unreadable_image_is_a_one_line_error(tmp_path, images, tiny_base):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --feature_cache memory/disk with the script's own augmentation (the "
-                                       "default) or with a --feature_cache_dir that is a file passes parsing and "
-                                       "fails in trainer.train() with a traceback after --output_dir exists")
 @pytest.mark.parametrize("argv", [["--feature_cache", "memory"], ["--feature_cache", "disk", "--augment", "crop"],
                                   ["--feature_cache", "disk", "--augment", "none", "--feature_cache_dir", "FILE"]])
 def test_feature_cache_conflicts_are_refused_while_parsing(tmp_path, images, argv):
@@ -276,9 +255,6 @@ def test_feature_cache_conflicts_are_refused_while_parsing(tmp_path, images, arg
     assert "--feature_cache" in refused_while_parsing(tmp_path, "--freeze", "backbone", *argv)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --report_to wandbb (typo) is refused only after the data and model "
-                                       "are loaded; --report_to wandb without wandb installed is a RuntimeError "
-                                       "traceback")
 @pytest.mark.parametrize("value", ["wandbb", "wandb"])
 def test_report_to_is_checked_while_parsing(tmp_path, value):
     if value == "wandb" and importlib.util.find_spec("wandb") is not None:
@@ -288,8 +264,6 @@ def test_report_to_is_checked_while_parsing(tmp_path, value):
     assert value in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hf-freeze inspect tiny:dinat (a listed type whose class needs natten) "
-                                       "is an ImportError traceback, exit 1")
 def test_inspect_a_type_needing_a_missing_package_is_one_line(tmp_path, capsys):
     if importlib.util.find_spec("natten") is not None:
         pytest.skip("natten is installed here")
@@ -298,8 +272,6 @@ def test_inspect_a_type_needing_a_missing_package_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("hf-freeze inspect: error:") and "natten" in err[0]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hf-freeze search --output_dir FILE passes parsing, pretrains, then "
-                                       "crashes with NotADirectoryError traceback")
 def test_search_output_dir_that_is_a_file_is_refused_before_anything(tmp_path, images, monkeypatch, capsys):
     import hf_freeze.demo.pretrain as pretrain
 
@@ -445,8 +417,6 @@ def test_metric_degenerate_inputs_are_named_errors(metric_modules):
 
 
 # ================================================================== did you mean / message quality (cosmetic)
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): invalid choices (--eval_strategy epoc, --log_level debugg, "
-                                       "--model_type ViT) get no 'did you mean'")
 @pytest.mark.parametrize("argv, meant", [(["--eval_strategy", "epoc"], "epoch"), (["--log_level", "debugg"], "debug"),
                                          (["--model_type", "ViT", "--model_name_or_path", "org/m"], "vit")])
 def test_choice_typos_get_did_you_mean(tmp_path, capsys, argv, meant):
@@ -462,15 +432,11 @@ def test_choice_typos_get_did_you_mean(tmp_path, capsys, argv, meant):
     assert f"did you mean '{meant}'?" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): old --use_auth_token suggests '--use_cache' (unrelated) "
-                                       "instead of its replacement '--token'")
 def test_old_use_auth_token_flag_points_to_token(tmp_path):
     message = refused_while_parsing(tmp_path, "--use_auth_token", "hf_xxx")
     assert "unrecognized arguments" in message and "'--token'" in message and "--use_cache" not in message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): an unknown key in args.json gets no 'did you mean' "
-                                       "(flags on the command line do)")
 def test_args_json_unknown_key_gets_did_you_mean(tmp_path, monkeypatch):
     args_json = tmp_path / "args.json"
     args_json.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "frezee": "backbone"}))
@@ -513,15 +479,12 @@ def test_small_train_folder_split_error_names_the_flag(tmp_path, images):
         assert len(data["validation"]) >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): the one-line error collapses whitespace inside the paths "
-                                       "it quotes ('my  data' is reported as 'my data')")
 def test_error_line_quotes_the_path_as_given(tmp_path, capsys):
     missing = str(tmp_path / "my  data")
     assert example.cli(["--output_dir", str(tmp_path / "out"), "--train_dir", missing]) == 2
     assert repr(missing) in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): HF_FREEZE_DEBUG=no / off turns the tracebacks ON")
 @pytest.mark.parametrize("value", ["no", "off"])
 def test_debug_variable_off_values(monkeypatch, value):
     monkeypatch.setenv("HF_FREEZE_DEBUG", value)
@@ -672,7 +635,5 @@ def test_hf_freeze_misuse_is_one_line(tmp_path, images, capsys, argv, words):
     assert words in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): a mistyped hf-freeze command ('inspekt') gets no "
-                                       "'did you mean'")
 def test_hf_freeze_command_typo_gets_did_you_mean(capsys):
     assert "did you mean 'inspect'?" in _cli_error(capsys, ["inspekt", "tiny:resnet"])
