@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from datasets import DatasetDict, load_dataset
+from datasets import ClassLabel, DatasetDict, Value, load_dataset
+from datasets import Image as ImageFeature
+from PIL import Image
 from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
@@ -46,6 +48,7 @@ from hf_freeze.checks import (
     argparse_hint,
     did_you_mean,
     flag_hint,
+    imagefolder_classes,
     json_value_problems,
     model_source_problem,
     one_line,
@@ -176,12 +179,17 @@ def parse_augment(spec: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_imagefolders(train_dir: str, validation_dir: str | None, cache_dir: str | None) -> DatasetDict:
-    """``load_dataset("imagefolder")`` on each folder; both must have the same class subfolders."""
-    splits = {"train": load_dataset("imagefolder", data_dir=train_dir, cache_dir=cache_dir, split="train")}
+def load_imagefolders(train_dir: str, validation_dir: str | None, cache_dir: str | None,
+                      label_column: str = "label") -> DatasetDict:
+    """``load_dataset("imagefolder")`` on each folder; each needs class subfolders (unless the labels come from
+    another column, ``--label_column_name``), both the same ones."""
+    folders = {"train": ("--train_dir", train_dir), "validation": ("--validation_dir", validation_dir)}
+    splits = {split: load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir, split="train")
+              for split, (_, folder) in folders.items() if folder}
+    if label_column != "label":
+        return DatasetDict(splits)
+    names = [imagefolder_classes(*folders[split], data) for split, data in splits.items()]
     if validation_dir:
-        splits["validation"] = load_dataset("imagefolder", data_dir=validation_dir, cache_dir=cache_dir, split="train")
-        names = [splits[s].features["label"].names for s in ("train", "validation")]
         if names[0] != names[1]:
             raise ValueError(f"--train_dir classes {names[0]} differ from --validation_dir classes {names[1]}: "
                              "give both folders the same class subfolders")
@@ -217,14 +225,58 @@ def standardise_columns(data: DatasetDict, image_column: str, label_column: str)
     return data.rename_columns(renames) if renames else data
 
 
+def as_class_labels(data: DatasetDict, flag: str = "--label_column_name") -> DatasetDict:
+    """The ``label`` column as a ``ClassLabel``: integer class ids keep their value (names "0", "1", ...), class
+    names (strings) are numbered in sorted order, over all splits; anything else is refused, naming the column."""
+    feature = data["train"].features["label"]
+    if isinstance(feature, ClassLabel):
+        return data
+    dtype = getattr(feature, "dtype", None) if isinstance(feature, Value) else None
+    values = set().union(*(data[split].unique("label") for split in data)) if dtype else set()
+    if dtype and dtype.startswith(("int", "uint")) and min(values, default=0) >= 0:
+        names = [str(i) for i in range(max(values, default=0) + 1)]
+    elif dtype in ("string", "large_string"):
+        names = sorted(values)
+    else:
+        raise ValueError(f"{flag}: the label column is {feature}; it must hold class ids (integers >= 0) or class "
+                         "names (strings)")
+    logger.info(f"label column: {len(names)} classes from its {dtype} values")
+    return data.cast_column("label", ClassLabel(names=names))
+
+
 def ensure_validation(data: DatasetDict, fraction: float, seed: int) -> DatasetDict:
-    """Use the ``validation`` split, else ``test``, else hold out ``fraction`` of ``train`` (stratified when possible)."""
+    """Use the ``validation`` split, else ``test``, else hold out ``fraction`` of ``train`` (stratified when the
+    data allows it, else at random as transformers' example, with a warning)."""
     if "validation" in data:
         return DatasetDict(train=data["train"], validation=data["validation"])
     if "test" in data:
         return DatasetDict(train=data["train"], validation=data["test"])
-    split = data["train"].train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    try:
+        split = data["train"].train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    except ValueError as e:  # too few images per class to hold out every class
+        logger.warning(f"--train_val_split {fraction}: a stratified split is impossible ({e}); holding out a random "
+                       "subset instead (give --validation_dir to choose the validation images)")
+        try:
+            split = data["train"].train_test_split(test_size=fraction, seed=seed)
+        except ValueError as e2:
+            raise ValueError(f"--train_val_split {fraction} of {len(data['train'])} training images holds out "
+                             f"nothing ({e2}): raise --train_val_split or give --validation_dir") from e2
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def unreadable_images(dataset, limit: int = 5) -> list[str]:
+    """Files among ``dataset``'s images (a local imagefolder) that PIL cannot open: only their headers are read,
+    so the check costs about as much as listing the folder did."""
+    bad = []
+    for item in dataset.cast_column("image", ImageFeature(decode=False))["image"]:
+        try:
+            with Image.open(item["path"]):
+                pass
+        except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
+            bad.append(f"{item['path']} ({type(e).__name__})")
+            if len(bad) >= limit:
+                break
+    return bad
 
 
 def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
@@ -233,16 +285,23 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -
         data = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir,
                                 model_args.token)
     elif data_args.train_dir:
-        data = load_imagefolders(data_args.train_dir, data_args.validation_dir, model_args.cache_dir)
+        data = load_imagefolders(data_args.train_dir, data_args.validation_dir, model_args.cache_dir,
+                                 data_args.label_column_name)
     else:
         data = embedded_dataset(data_args.shots_per_class, seed)
     data = standardise_columns(data, data_args.image_column_name, data_args.label_column_name)
+    data = as_class_labels(data)
     data = ensure_validation(data, data_args.train_val_split, seed)
     if data_args.max_train_samples is not None:
         data["train"] = data["train"].shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.max_eval_samples is not None:
         n = min(data_args.max_eval_samples, len(data["validation"]))
         data["validation"] = data["validation"].shuffle(seed=seed).select(range(n))
+    if data_args.train_dir:  # local files: an unreadable one would otherwise stop training midway
+        bad = [path for split in data.values() for path in unreadable_images(split)]
+        if bad:
+            raise ValueError(f"--train_dir/--validation_dir: cannot read {'these images' if len(bad) > 1 else 'the image'}"
+                             f" {', '.join(bad)}; remove or replace {'them' if len(bad) > 1 else 'it'}")
     return data
 
 

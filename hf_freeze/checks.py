@@ -208,6 +208,20 @@ def schedule_problems(policy, num_train_epochs: float, max_steps: int) -> list[s
     return problems
 
 
+def imagefolder_classes(flag: str, folder: str, dataset) -> list[str]:
+    """The class names of ``dataset``, loaded with ``load_dataset("imagefolder", data_dir=folder)``; a ValueError
+    naming ``flag`` and the folder when it has fewer than two class subfolders (datasets then makes no label
+    column at all, and the run would fail later with ``KeyError: 'label'``)."""
+    names = getattr(dataset.features.get("label"), "names", None)
+    if names and len(names) >= 2:
+        return list(names)
+    root = Path(folder).expanduser()
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    has = f"only one class subfolder ({found[0]!r})" if len(found) == 1 else "no class subfolders"
+    raise ValueError(f"{flag} {folder!r} has {has}; an image folder needs one subfolder per class (at least two "
+                     "classes), named after the class, with that class's images inside")
+
+
 def model_source_problem(value: str, *, tiny: bool = True, needs: str = "config.json",
                          what: str = "a saved model") -> str | None:
     """What is wrong with a model reference before anything is loaded: ``tiny:<type>`` (a known type, when

@@ -25,6 +25,7 @@ from pathlib import Path
 from .checks import (
     argparse_hint,
     flag_hint,
+    imagefolder_classes,
     model_source_problem,
     number_problem,
     one_line,
@@ -257,9 +258,11 @@ def _image_datasets(args, processor):
     else:
         train = datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train")
         val = datasets.load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
-        if train.features["label"].names != val.features["label"].names:
-            raise UsageError(f"--train_dir classes {train.features['label'].names} differ from --validation_dir "
-                             f"classes {val.features['label'].names}: give both folders the same class subfolders")
+        names = [imagefolder_classes(flag, folder, data) for flag, folder, data in
+                 (("--train_dir", args.train_dir, train), ("--validation_dir", args.validation_dir, val))]
+        if names[0] != names[1]:
+            raise UsageError(f"--train_dir classes {names[0]} differ from --validation_dir classes {names[1]}: give "
+                             "both folders the same class subfolders")
 
     def to_inputs(batch):
         images = [im.convert("RGB") for im in batch["image"]]

@@ -210,9 +210,6 @@ def test_args_json_with_a_wrongly_typed_value_is_a_clear_error(tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a --validation_dir with a single class subfolder crashes with "
-                                       "KeyError: 'label' (datasets drops the label column) instead of the "
-                                       "'classes differ' error")
 def test_one_class_validation_folder_is_a_clear_error(tmp_path, images):
     _, data_args, _ = parse(tmp_path, "--train_dir", str(images / "train"), "--validation_dir",
                             str(images / "val_one"))
@@ -220,8 +217,6 @@ def test_one_class_validation_folder_is_a_clear_error(tmp_path, images):
         example.load_data(data_args, example.ModelArguments(cache_dir=str(tmp_path / "ds")), 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a dataset whose label column is an integer Value (not ClassLabel) "
-                                       "crashes prepare() with AttributeError: 'Value' object has no attribute 'names'")
 def test_integer_label_column_is_a_clear_error_or_works(tmp_path, images, tiny_base):
     model_args, data_args, training_args = parse(tmp_path, "--dataset_name", str(images / "int_labels"),
                                                  "--model_name_or_path", str(tiny_base), "--cache_dir",
@@ -234,8 +229,6 @@ def test_integer_label_column_is_a_clear_error_or_works(tmp_path, images, tiny_b
         assert trainer.model.config.num_labels == 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unreadable image in --train_dir crashes mid-training with a "
-                                       "PIL traceback (exit 1) after --output_dir was created")
 def test_unreadable_image_is_a_one_line_error(tmp_path, images, tiny_base):
     out = tmp_path / "out"
     proc = run_script(tmp_path, "--model_name_or_path", str(tiny_base), "--train_dir", str(images / "corrupt"),
@@ -446,9 +439,6 @@ def test_args_json_unknown_key_gets_did_you_mean(tmp_path, monkeypatch):
     assert "frezee" in str(err.value) and "did you mean '--freeze'?" in str(err.value).replace("'freeze'", "'--freeze'")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): a one-class or flat --train_dir says \"--label_column_name "
-                                       "'label' is not a column\" (a flag the user never gave) instead of naming the "
-                                       "missing class subfolders")
 def test_one_class_train_folder_names_the_real_problem(tmp_path, images):
     _, data_args, _ = parse(tmp_path, "--train_dir", str(images / "val_one"))
     with pytest.raises(ValueError) as err:
@@ -456,8 +446,6 @@ def test_one_class_train_folder_names_the_real_problem(tmp_path, images):
     assert "class" in str(err.value) and "--label_column_name" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): hf-freeze search with a one-class --validation_dir says "
-                                       "only 'loading the images: label'")
 def test_search_one_class_validation_folder_names_the_problem(tmp_path, images, tiny_base, capsys):
     code = hf_cli.main(["search", "--model", str(tiny_base), "--train_dir", str(images / "train"),
                         "--validation_dir", str(images / "val_one"), "--output_dir", str(tmp_path / "s")])
@@ -465,10 +453,6 @@ def test_search_one_class_validation_folder_names_the_problem(tmp_path, images, 
     assert code == 2 and "class" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): a small --train_dir without --validation_dir fails the "
-                                       "stratified split with datasets' 'test_size = 2 should be greater or equal to "
-                                       "the number of classes = 3', naming neither --train_val_split nor --validation_dir "
-                                       "(upstream's unstratified split runs)")
 def test_small_train_folder_split_error_names_the_flag(tmp_path, images):
     _, data_args, _ = parse(tmp_path, "--train_dir", str(images / "train"))  # 12 images, 3 classes, 0.15 held out
     try:
