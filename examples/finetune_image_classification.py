@@ -536,10 +536,11 @@ def parse_args(argv: list[str] | None = None):
 
 
 def setup_logging(training_args) -> None:
-    """As transformers' example: INFO on the main process (``--log_level`` to change), WARNING on the others."""
+    """As transformers' example: INFO on the main process (``--log_level`` to change), WARNING on the others;
+    with ``TRANSFORMERS_VERBOSITY`` set (and ``--log_level`` not given) the main process keeps that level."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
-    if training_args.should_log:
+    if training_args.should_log and not os.environ.get("TRANSFORMERS_VERBOSITY"):
         transformers.utils.logging.set_verbosity_info()  # log_level "passive" means INFO here, as upstream
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)

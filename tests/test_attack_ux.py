@@ -282,8 +282,6 @@ def test_search_output_dir_that_is_a_file_is_refused_before_anything(tmp_path, i
 
 
 # ================================================================== logging
-@pytest.mark.xfail(strict=True, reason="BUG: the embedded base's pretraining prints '[hf_freeze demo] ...' lines "
-                                       "(11 of them) to stderr whatever --log_level / transformers' verbosity says")
 def test_embedded_pretraining_follows_the_log_level(tmp_path, monkeypatch):
     """The script pretrains the embedded base (``resolve_model_path``) after ``setup_logging`` applied --log_level;
     run that step with transformers' verbosity at ERROR (what ``--log_level error`` sets). The recipe is shrunk
@@ -329,8 +327,6 @@ def test_log_level_warning_hides_hf_freeze_info_in_the_example(tmp_path):
         _reset_logging(level)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: examples/README says hf_freeze's messages follow TRANSFORMERS_VERBOSITY, "
-                                       "but the script's setup_logging forces INFO on the main process over it")
 def test_transformers_verbosity_error_quiets_the_example(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
     _, _, training_args = parse(tmp_path)
