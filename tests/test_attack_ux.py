@@ -123,7 +123,7 @@ def images(tmp_path_factory) -> Path:
 
 
 # ================================================================== silent wrong results
-@pytest.mark.parametrize("flag", ["--train_dir", "--model_name_or_path", "--freeze_policy_file"])
+@pytest.mark.parametrize("flag", ["--train_dir", "--model_name_or_path", "--freeze_policy_file", "--freeze"])
 def test_empty_path_value_is_refused_not_replaced_by_the_embedded_default(tmp_path, flag):
     # `--train_dir "$DATA"` with DATA unset: upstream stops ("You must specify either a dataset name from the hub
     # or a train and/or validation directory"); here it fine-tunes the digits task and exits 0.
@@ -217,16 +217,14 @@ def test_one_class_validation_folder_is_a_clear_error(tmp_path, images):
         example.load_data(data_args, example.ModelArguments(cache_dir=str(tmp_path / "ds")), 0)
 
 
-def test_integer_label_column_is_a_clear_error_or_works(tmp_path, images, tiny_base):
+def test_integer_label_column_works(tmp_path, images, tiny_base):
+    """Fixed by making it work: integer class ids keep their value as the class id (names '0', '1', '2')."""
     model_args, data_args, training_args = parse(tmp_path, "--dataset_name", str(images / "int_labels"),
                                                  "--model_name_or_path", str(tiny_base), "--cache_dir",
                                                  str(tmp_path / "ds"), "--freeze", "backbone")
-    try:
-        trainer, _ = example.prepare(model_args, data_args, training_args)
-    except ValueError as e:  # a clear refusal naming the column keeps the promise
-        assert "label" in str(e)
-    else:
-        assert trainer.model.config.num_labels == 3
+    trainer, _ = example.prepare(model_args, data_args, training_args)
+    assert trainer.model.config.id2label == {0: "0", 1: "1", 2: "2"}
+    assert [row["labels"] for row in trainer.train_dataset] == [i % 3 for i in range(6)]
 
 
 def test_unreadable_image_is_a_one_line_error(tmp_path, images, tiny_base):
@@ -246,6 +244,11 @@ def test_unreadable_image_is_a_one_line_error(tmp_path, images, tiny_base):
 def test_feature_cache_conflicts_are_refused_while_parsing(tmp_path, images, argv):
     argv = [str(images / "a_file.txt") if a == "FILE" else a for a in argv]
     assert "--feature_cache" in refused_while_parsing(tmp_path, "--freeze", "backbone", *argv)
+
+
+def test_forced_feature_cache_without_augmentation_is_accepted(tmp_path):
+    _, data_args, training_args = parse(tmp_path, "--freeze", "backbone", "--feature_cache", "memory", "--augment", "none")
+    assert (training_args.feature_cache, data_args.augment) == ("memory", "none")
 
 
 @pytest.mark.parametrize("value", ["wandbb", "wandb"])
