@@ -28,12 +28,14 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import transformers
-from datasets import DatasetDict, load_dataset
+from datasets import ClassLabel, DatasetDict, Value, load_dataset
+from datasets import Image as ImageFeature
+from PIL import Image
 from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
@@ -41,8 +43,19 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_freeze
 from hf_freeze import FreezeTrainer, FreezeTrainingArguments
-from hf_freeze.checks import did_you_mean, model_source_problem
-from hf_freeze.cli import DEBUG_ENV, debug_enabled, one_line
+from hf_freeze.args import DeltaArguments, FreezeArguments
+from hf_freeze.checks import (
+    argparse_hint,
+    did_you_mean,
+    flag_hint,
+    imagefolder_classes,
+    json_value_problems,
+    model_source_problem,
+    one_line,
+    training_number_problems,
+    unknown_choice,
+)
+from hf_freeze.cli import DEBUG_ENV, debug_enabled
 from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.metrics import classification_metrics
 
@@ -79,7 +92,9 @@ class ModelArguments:
         problems = []
         for flag in ("model_name_or_path", "config_name", "image_processor_name"):
             value = getattr(self, flag)
-            problem = model_source_problem(value, tiny=False) if value else None
+            needs = ({"needs": "preprocessor_config.json", "what": "a saved image processor"}
+                     if flag == "image_processor_name" else {})
+            problem = model_source_problem(value, tiny=False, **needs) if value else None
             if problem:
                 problems.append(f"--{flag}: {problem}")
         if self.model_type is not None and self.model_type not in MODEL_TYPES:
@@ -137,6 +152,10 @@ class DataArguments:
             problems.append(str(e))
         if self.min_crop_scale is not None and not 0 < self.min_crop_scale <= 1:
             problems.append(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                problems.append(f"--{flag} must be a number of images >= 1, got {value} (leave it out to use them all)")
         if self.image_size is not None and self.image_size < 1:
             problems.append(f"--image_size must be a positive number of pixels, got {self.image_size}")
         if problems:
@@ -160,12 +179,17 @@ def parse_augment(spec: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_imagefolders(train_dir: str, validation_dir: str | None, cache_dir: str | None) -> DatasetDict:
-    """``load_dataset("imagefolder")`` on each folder; both must have the same class subfolders."""
-    splits = {"train": load_dataset("imagefolder", data_dir=train_dir, cache_dir=cache_dir, split="train")}
+def load_imagefolders(train_dir: str, validation_dir: str | None, cache_dir: str | None,
+                      label_column: str = "label") -> DatasetDict:
+    """``load_dataset("imagefolder")`` on each folder; each needs class subfolders (unless the labels come from
+    another column, ``--label_column_name``), both the same ones."""
+    folders = {"train": ("--train_dir", train_dir), "validation": ("--validation_dir", validation_dir)}
+    splits = {split: load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir, split="train")
+              for split, (_, folder) in folders.items() if folder}
+    if label_column != "label":
+        return DatasetDict(splits)
+    names = [imagefolder_classes(*folders[split], data) for split, data in splits.items()]
     if validation_dir:
-        splits["validation"] = load_dataset("imagefolder", data_dir=validation_dir, cache_dir=cache_dir, split="train")
-        names = [splits[s].features["label"].names for s in ("train", "validation")]
         if names[0] != names[1]:
             raise ValueError(f"--train_dir classes {names[0]} differ from --validation_dir classes {names[1]}: "
                              "give both folders the same class subfolders")
@@ -201,14 +225,58 @@ def standardise_columns(data: DatasetDict, image_column: str, label_column: str)
     return data.rename_columns(renames) if renames else data
 
 
+def as_class_labels(data: DatasetDict, flag: str = "--label_column_name") -> DatasetDict:
+    """The ``label`` column as a ``ClassLabel``: integer class ids keep their value (names "0", "1", ...), class
+    names (strings) are numbered in sorted order, over all splits; anything else is refused, naming the column."""
+    feature = data["train"].features["label"]
+    if isinstance(feature, ClassLabel):
+        return data
+    dtype = getattr(feature, "dtype", None) if isinstance(feature, Value) else None
+    values = set().union(*(data[split].unique("label") for split in data)) if dtype else set()
+    if dtype and dtype.startswith(("int", "uint")) and min(values, default=0) >= 0:
+        names = [str(i) for i in range(max(values, default=0) + 1)]
+    elif dtype in ("string", "large_string"):
+        names = sorted(values)
+    else:
+        raise ValueError(f"{flag}: the label column is {feature}; it must hold class ids (integers >= 0) or class "
+                         "names (strings)")
+    logger.info(f"label column: {len(names)} classes from its {dtype} values")
+    return data.cast_column("label", ClassLabel(names=names))
+
+
 def ensure_validation(data: DatasetDict, fraction: float, seed: int) -> DatasetDict:
-    """Use the ``validation`` split, else ``test``, else hold out ``fraction`` of ``train`` (stratified when possible)."""
+    """Use the ``validation`` split, else ``test``, else hold out ``fraction`` of ``train`` (stratified when the
+    data allows it, else at random as transformers' example, with a warning)."""
     if "validation" in data:
         return DatasetDict(train=data["train"], validation=data["validation"])
     if "test" in data:
         return DatasetDict(train=data["train"], validation=data["test"])
-    split = data["train"].train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    try:
+        split = data["train"].train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    except ValueError as e:  # too few images per class to hold out every class
+        logger.warning(f"--train_val_split {fraction}: a stratified split is impossible ({e}); holding out a random "
+                       "subset instead (give --validation_dir to choose the validation images)")
+        try:
+            split = data["train"].train_test_split(test_size=fraction, seed=seed)
+        except ValueError as e2:
+            raise ValueError(f"--train_val_split {fraction} of {len(data['train'])} training images holds out "
+                             f"nothing ({e2}): raise --train_val_split or give --validation_dir") from e2
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def unreadable_images(dataset, limit: int = 5) -> list[str]:
+    """Files among ``dataset``'s images (a local imagefolder) that PIL cannot open: only their headers are read,
+    so the check costs about as much as listing the folder did."""
+    bad = []
+    for item in dataset.cast_column("image", ImageFeature(decode=False))["image"]:
+        try:
+            with Image.open(item["path"]):
+                pass
+        except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
+            bad.append(f"{item['path']} ({type(e).__name__})")
+            if len(bad) >= limit:
+                break
+    return bad
 
 
 def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
@@ -217,16 +285,23 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int) -
         data = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir,
                                 model_args.token)
     elif data_args.train_dir:
-        data = load_imagefolders(data_args.train_dir, data_args.validation_dir, model_args.cache_dir)
+        data = load_imagefolders(data_args.train_dir, data_args.validation_dir, model_args.cache_dir,
+                                 data_args.label_column_name)
     else:
         data = embedded_dataset(data_args.shots_per_class, seed)
     data = standardise_columns(data, data_args.image_column_name, data_args.label_column_name)
+    data = as_class_labels(data)
     data = ensure_validation(data, data_args.train_val_split, seed)
     if data_args.max_train_samples is not None:
         data["train"] = data["train"].shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.max_eval_samples is not None:
         n = min(data_args.max_eval_samples, len(data["validation"]))
         data["validation"] = data["validation"].shuffle(seed=seed).select(range(n))
+    if data_args.train_dir:  # local files: an unreadable one would otherwise stop training midway
+        bad = [path for split in data.values() for path in unreadable_images(split)]
+        if bad:
+            raise ValueError(f"--train_dir/--validation_dir: cannot read {'these images' if len(bad) > 1 else 'the image'}"
+                             f" {', '.join(bad)}; remove or replace {'them' if len(bad) > 1 else 'it'}")
     return data
 
 
@@ -316,6 +391,11 @@ def load_model(path: str, model_args: ModelArguments, labels: list[str]):
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
 
+def default_augment(data_args: DataArguments) -> str:
+    """The augmentation when ``--augment`` is not given: the digits' own, else transformers' example's."""
+    return EMBEDDED_AUGMENT if data_args.embedded else "crop,flip"
+
+
 def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrainingArguments) -> None:
     """The digits task's own defaults for what the command line left unset (policy, augmentation)."""
     if data_args.embedded and training_args.freeze_policy() is None:
@@ -323,7 +403,7 @@ def apply_embedded_defaults(data_args: DataArguments, training_args: FreezeTrain
         training_args.unfreeze = ",".join(u.to_string() for u in EMBEDDED_POLICY.unfreeze)
         training_args.layer_lr_decay = EMBEDDED_POLICY.layer_lr_decay
     if data_args.augment is None:
-        data_args.augment = EMBEDDED_AUGMENT if data_args.embedded else "crop,flip"
+        data_args.augment = default_augment(data_args)
     if data_args.min_crop_scale is None:
         data_args.min_crop_scale = EMBEDDED_MIN_CROP_SCALE if data_args.embedded else 0.08
 
@@ -362,21 +442,76 @@ class ArgumentParser(HfArgumentParser):
     """``HfArgumentParser`` whose errors are one line, ``prog: error: message``, exit code 2 (no usage block)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}{argparse_hint(message)}\n")
 
     def unknown_flags(self, remaining: list[str]) -> str:
         known = list(self._option_string_actions)  # argparse's table of flags
-        hints = "".join(did_you_mean(f.split("=")[0], known) for f in remaining if f.startswith("--"))
+        hints = "".join(flag_hint(f, known) for f in remaining if f.startswith("--"))
         return f"unrecognized arguments: {' '.join(remaining)}{hints}"
+
+
+#: flags naming a path, a model, a policy value...: an empty value (``--train_dir "$DATA"`` with DATA unset) is
+#: refused rather than read as "not given", which would silently run the embedded default task/base/policy
+NON_EMPTY_FLAGS = frozenset({f.name for cls in (ModelArguments, DataArguments, FreezeArguments, DeltaArguments)
+                             for f in fields(cls)} | {"output_dir", "resume_from_checkpoint", "logging_dir"})
+
+
+def read_args_file(path: str, parser: HfArgumentParser) -> dict:
+    """The values of an ``args.json``, with unknown keys and wrongly typed values refused (ValueError naming them):
+    ``HfArgumentParser.parse_json_file`` would pass ``"3"`` or ``"abc"`` for a number to the dataclasses unchecked."""
+    values = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of argument names and values, got {type(values).__name__}")
+    problems = json_value_problems(parser.dataclass_types, values)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return values
+
+
+def report_to_problems(report_to) -> list[str]:
+    """``--report_to`` names transformers knows and whose package is installed (the Trainer would refuse an unknown
+    one only after loading the data and the model, and a missing package with a traceback)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    problems, available = [], get_available_reporting_integrations()
+    for name in report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            problems.append(unknown_choice("--report_to", name, ["all", "none", *INTEGRATION_TO_CALLBACK]))
+        elif name not in available:
+            try:  # not found installed: the callback's constructor says which package it needs (and does nothing else)
+                INTEGRATION_TO_CALLBACK[name]()
+            except (RuntimeError, ImportError) as e:
+                problems.append(f"--report_to {name}: {one_line(e)}")
+    return problems
+
+
+def feature_cache_problems(data_args: DataArguments, training_args) -> list[str]:
+    """A forced feature cache (``memory``/``disk``) computes each training image's features once, so it cannot
+    follow this script's random augmentation (on by default); ``auto`` turns itself off where it would differ."""
+    problems = []
+    if training_args.feature_cache in ("memory", "disk"):
+        augment = data_args.augment if data_args.augment is not None else default_augment(data_args)
+        if parse_augment(augment):
+            default = "" if data_args.augment is not None else " (the default)"
+            problems.append(f"--feature_cache {training_args.feature_cache} computes each training image's features "
+                            f"once, but --augment {augment!r}{default} changes the images every epoch: add --augment "
+                            "none, or use --feature_cache auto (it is used only where it gives the same training)")
+    folder = training_args.feature_cache_dir
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        problems.append(f"--feature_cache_dir {folder!r} is a file; give a folder")
+    return problems
 
 
 def parse_args(argv: list[str] | None = None):
     """``(model_args, data_args, training_args)``; every check that needs no model runs here (ValueError)."""
     parser = ArgumentParser((ModelArguments, DataArguments, FreezeTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        json_file = os.path.abspath(sys.argv[1])
-        model_args, data_args, training_args = parser.parse_json_file(json_file=json_file)
-        given = set(json.loads(Path(json_file).read_text()))
+        values = read_args_file(os.path.abspath(sys.argv[1]), parser)
+        model_args, data_args, training_args = parser.parse_dict(values)
+        given = set(values)
     else:
         argv = sys.argv[1:] if argv is None else argv
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -384,19 +519,28 @@ def parse_args(argv: list[str] | None = None):
             raise ValueError(parser.unknown_flags(remaining))
         model_args, data_args, training_args = parsed
         given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    resume = training_args.resume_from_checkpoint
-    if resume and not Path(resume).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder (give a checkpoint-N folder)")
     if not given & {"do_train", "do_eval", "do_predict"}:  # none given: train, and evaluate (as before)
         training_args.do_train = training_args.do_eval = True
+    problems = [f"--{name} is empty (an unset shell variable?): give a value or leave the flag out"
+                for name in sorted(given & NON_EMPTY_FLAGS)
+                if any(getattr(args, name, None) == "" for args in (model_args, data_args, training_args))]
+    resume = training_args.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        problems.append(f"--resume_from_checkpoint {resume!r} is not a folder (give a checkpoint-N folder)")
+    problems += training_number_problems(training_args)
+    problems += report_to_problems(training_args.report_to)
+    problems += feature_cache_problems(data_args, training_args)
+    if problems:
+        raise ValueError("; ".join(problems))
     return model_args, data_args, training_args
 
 
 def setup_logging(training_args) -> None:
-    """As transformers' example: INFO on the main process (``--log_level`` to change), WARNING on the others."""
+    """As transformers' example: INFO on the main process (``--log_level`` to change), WARNING on the others;
+    with ``TRANSFORMERS_VERBOSITY`` set (and ``--log_level`` not given) the main process keeps that level."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
-    if training_args.should_log:
+    if training_args.should_log and not os.environ.get("TRANSFORMERS_VERBOSITY"):
         transformers.utils.logging.set_verbosity_info()  # log_level "passive" means INFO here, as upstream
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)

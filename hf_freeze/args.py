@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 
 from . import _fields
 from .adapter_config import AdapterConfig
-from .checks import policy_problems, schedule_problems, unknown_choice
+from .checks import model_source_problem, policy_problems, schedule_problems, unknown_choice
 from .errors import FreezePolicyError
 from .feature_cache import MODES
 from .policy import FreezePolicy
@@ -147,6 +147,17 @@ class DeltaArguments:
     delta_base_revision: str | None = field(default=None, metadata={
         "help": "Revision (commit) of the base model. Default: the cached commit the model was loaded from, if known."})
 
+    def check_delta_arguments(self) -> None:
+        """``--delta_base_model`` must name something a delta can be applied to later: a saved model's folder or a
+        Hub id (checked while parsing, before anything is trained: a delta pointing nowhere cannot be reloaded)."""
+        problems = [f"--{flag} is empty: give a value or leave the flag out"
+                    for flag in ("delta_base_model", "delta_base_revision") if getattr(self, flag) == ""]
+        problem = model_source_problem(self.delta_base_model, tiny=False) if self.delta_base_model else None
+        if problem:
+            problems.append(f"--delta_base_model: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @dataclass
 class FreezeTrainingArguments(TrainingArguments, FreezeArguments, DeltaArguments):
@@ -159,4 +170,5 @@ class FreezeTrainingArguments(TrainingArguments, FreezeArguments, DeltaArguments
     def __post_init__(self):
         # the freeze flags first: a bad one fails while parsing, before TrainingArguments sets anything up
         self.check_freeze_arguments(self.num_train_epochs, self.max_steps)
+        self.check_delta_arguments()
         super().__post_init__()

@@ -9,8 +9,12 @@ what needs the model (does it have a ``stage.9``?) is checked by :func:`hf_freez
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import re
+import types
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,9 +27,113 @@ _GLOB_CHARS = set("*?[")
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """``" (did you mean 'x'?)"`` for the choice closest to ``word`` (difflib), else ``""``."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """``" (did you mean 'x'?)"`` for the choice closest to ``word`` (difflib, ignoring case), else ``""``."""
+    choices = [str(c) for c in choices]
+    by_lower = {c.lower(): c for c in reversed(choices)}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+#: flags of transformers' example scripts that were renamed: old -> new
+RENAMED_FLAGS = {"--use_auth_token": "--token", "--evaluation_strategy": "--eval_strategy",
+                 "--per_gpu_train_batch_size": "--per_device_train_batch_size",
+                 "--per_gpu_eval_batch_size": "--per_device_eval_batch_size"}
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<value>[^']*)' \(choose from (?P<choices>.*)\)")
+
+
+def flag_hint(flag: str, known: Iterable[str]) -> str:
+    """"Did you mean" for an unrecognized ``--flag`` (``--flag=value`` too): its new name when it was renamed
+    (:data:`RENAMED_FLAGS`), else the closest of ``known``."""
+    name = flag.split("=")[0]
+    if name in RENAMED_FLAGS:
+        return f" (did you mean {RENAMED_FLAGS[name]!r}? {name} was renamed)"
+    return did_you_mean(name, known)
+
+
+def argparse_hint(message: str) -> str:
+    """"Did you mean" for argparse's ``invalid choice: 'x' (choose from 'a', 'b')`` messages, else ``""``."""
+    match = _INVALID_CHOICE.search(message)
+    if not match:
+        return ""
+    return did_you_mean(match["value"], re.findall(r"'([^']*)'", match["choices"]))
+
+
+def one_line(text) -> str:
+    """``text`` on one line: its lines joined with a space (the spaces inside a line, a path's, are kept)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def number_problem(flag: str, value, low: float | None = None, *, inclusive: bool = True,
+                   integer: bool = False) -> str | None:
+    """What is wrong with a number given for ``flag``: not a (finite) number, not an integer, or below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{flag} must be a finite {'integer' if integer else 'number'}, got {value!r}"
+    if integer and value != int(value):
+        return f"{flag} must be an integer, got {value!r}"
+    if low is not None and (value < low or (value == low and not inclusive)):
+        return f"{flag} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}"
+    return None
+
+
+def training_number_problems(args) -> list[str]:
+    """Training numbers (``TrainingArguments`` fields) that make no sense whatever the model: a negative or NaN
+    learning rate, no training length, empty batches."""
+    checks = [("learning_rate", 0, True, False), ("weight_decay", 0, True, False),
+              ("per_device_train_batch_size", 1, True, True), ("per_device_eval_batch_size", 1, True, True),
+              ("gradient_accumulation_steps", 1, True, True), ("num_train_epochs", 0, True, False)]
+    problems = [number_problem(f"--{name}", getattr(args, name), low, inclusive=inclusive, integer=integer)
+                for name, low, inclusive, integer in checks if hasattr(args, name)]
+    epochs, max_steps = getattr(args, "num_train_epochs", None), getattr(args, "max_steps", -1)
+    if getattr(args, "do_train", False) and max_steps is not None and max_steps <= 0 and epochs == 0:
+        problems.append("--num_train_epochs 0 trains nothing: give a number of epochs > 0 (or --max_steps N)")
+    return [p for p in problems if p]
+
+
+def _scalar_kinds(kind) -> tuple[set, bool] | None:
+    """``({int, float, ...}, optional)`` when ``kind`` is a plain scalar type (or a union of them, with None);
+    None for anything else (enums, lists, dicts: left to the dataclass)."""
+    members = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    scalars = {m for m in members if m is not type(None)}
+    if not scalars or not scalars <= {bool, int, float, str}:
+        return None
+    return scalars, type(None) in members
+
+
+def _fits(value, kinds: set) -> bool:
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return bool(kinds & {int, float})
+    return (isinstance(value, float) and float in kinds) or (isinstance(value, str) and str in kinds)
+
+
+def json_value_problems(dataclass_types, values: dict) -> list[str]:
+    """What is wrong with the keys and value types of an arguments file (``args.json``) for ``dataclass_types``:
+    unknown keys (with "did you mean") and values of the wrong JSON type (``"3"`` for a number, ``"true"`` for a
+    switch), which ``HfArgumentParser.parse_json_file`` passes to the dataclasses unchecked."""
+    hints = {}
+    for dtype in dataclass_types:
+        try:
+            resolved = typing.get_type_hints(dtype)
+        except Exception:  # an annotation typing cannot resolve: leave those fields to the dataclass
+            resolved = {}
+        hints.update({f.name: resolved.get(f.name) for f in dataclasses.fields(dtype) if f.init})
+    problems = []
+    names = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+    for key, value in values.items():
+        if key not in hints:
+            problems.append(f"unknown key {key!r}{did_you_mean(key, hints)}")
+            continue
+        scalar = _scalar_kinds(hints[key]) if hints[key] is not None else None
+        if scalar is None or (value is None and scalar[1]) or _fits(value, scalar[0]):
+            continue
+        expected = " or ".join(names[k.__name__] for k in (bool, int, float, str) if k in scalar[0])
+        problems.append(f"{key!r} must be {expected}{' (or null)' if scalar[1] else ''}, got {json_repr(value)}")
+    return problems
+
+
+def json_repr(value) -> str:
+    return f"the string {value!r}" if isinstance(value, str) else repr(value)
 
 
 def unknown_choice(what: str, value: str, choices: Iterable[str]) -> str:
@@ -100,9 +208,25 @@ def schedule_problems(policy, num_train_epochs: float, max_steps: int) -> list[s
     return problems
 
 
-def model_source_problem(value: str, *, tiny: bool = True) -> str | None:
+def imagefolder_classes(flag: str, folder: str, dataset) -> list[str]:
+    """The class names of ``dataset``, loaded with ``load_dataset("imagefolder", data_dir=folder)``; a ValueError
+    naming ``flag`` and the folder when it has fewer than two class subfolders (datasets then makes no label
+    column at all, and the run would fail later with ``KeyError: 'label'``)."""
+    names = getattr(dataset.features.get("label"), "names", None)
+    if names and len(names) >= 2:
+        return list(names)
+    root = Path(folder).expanduser()
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    has = f"only one class subfolder ({found[0]!r})" if len(found) == 1 else "no class subfolders"
+    raise ValueError(f"{flag} {folder!r} has {has}; an image folder needs one subfolder per class (at least two "
+                     "classes), named after the class, with that class's images inside")
+
+
+def model_source_problem(value: str, *, tiny: bool = True, needs: str = "config.json",
+                         what: str = "a saved model") -> str | None:
     """What is wrong with a model reference before anything is loaded: ``tiny:<type>`` (a known type, when
-    ``tiny``), a folder (it must hold ``config.json``), else something shaped like a Hub id. None if fine."""
+    ``tiny``), a folder (it must hold ``needs``: ``config.json``, or ``preprocessor_config.json`` for an image
+    processor), else something shaped like a Hub id. None if fine."""
     if value.startswith("tiny:"):
         name = value.removeprefix("tiny:")
         if not tiny:
@@ -113,12 +237,12 @@ def model_source_problem(value: str, *, tiny: bool = True) -> str | None:
         return None
     path = Path(value).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            return (f"{value!r} is a folder without config.json, not a saved model (give the folder that "
+        if not (path / needs).is_file():
+            return (f"{value!r} is a folder without {needs}, not {what} (give the folder that "
                     "save_pretrained wrote, or a Hub id)")
         return None
     if path.exists():
-        return f"{value!r} is a file; give the model's folder (the one holding config.json) or a Hub id"
+        return f"{value!r} is a file; give the folder holding {needs} or a Hub id"
     # huggingface_hub loads only to check a Hub id: hf-freeze --help imports none of it
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

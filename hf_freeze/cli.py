@@ -19,10 +19,20 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from .checks import did_you_mean, model_source_problem, policy_problems, unknown_choice
+from .checks import (
+    argparse_hint,
+    flag_hint,
+    imagefolder_classes,
+    model_source_problem,
+    number_problem,
+    one_line,
+    policy_problems,
+    unknown_choice,
+)
 from .errors import FreezePolicyError, UnsupportedModelError
 from .folder import POLICY_FILE
 from .policy import FreezePolicy
@@ -44,22 +54,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             message += self._suggest_options(message.split(":", 1)[1].split())
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}{argparse_hint(message)}\n")
 
     def _suggest_options(self, given: list[str]) -> str:
         """``(did you mean --freeze?)`` for mistyped flags, among this parser's and its commands' options."""
         parsers = [self, *getattr(self, "commands", {}).values()]
         known = {o for p in parsers for o in p._option_string_actions}  # argparse's own table of flags
-        hints = [did_you_mean(flag.split("=")[0], known) for flag in given if flag.startswith("--")]
+        hints = [flag_hint(flag, known) for flag in given if flag.startswith("--")]
         return "".join(h for h in hints if h)
 
 
-def one_line(text) -> str:
-    return " ".join(str(text).split())
+#: values of HF_FREEZE_DEBUG that leave the tracebacks off
+DEBUG_OFF = ("", "0", "false", "no", "off", "n", "f")
 
 
 def debug_enabled(args=None) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in DEBUG_OFF
 
 
 def _message(error: BaseException) -> str:
@@ -87,6 +97,19 @@ def existing_folder(value: str) -> str:
     return value
 
 
+def output_folder(value: str) -> str:
+    """A folder to write to: it may not exist yet, but it may not be a file (nor sit under one)."""
+    path = Path(value).expanduser()
+    if not value:
+        raise argparse.ArgumentTypeError("empty value: give a folder")
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{str(p)!r} is a file; give a folder")
+            break
+    return value
+
+
 def _number(cast, low, inclusive: bool):
     def parse(value: str):
         try:
@@ -94,8 +117,9 @@ def _number(cast, low, inclusive: bool):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, "
                                              f"got {value!r}") from None
-        if number < low or (number == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+        problem = number_problem("", number, low, inclusive=inclusive, integer=cast is int)
+        if problem:  # NaN and inf too: they would train every trial to NaN
+            raise argparse.ArgumentTypeError(problem.strip().replace(f"{number!r}", repr(value)))
         return number
 
     return parse
@@ -203,7 +227,19 @@ def _load_classifier(source: str):
     except KeyError:
         raise UsageError(f"{source!r}: model type {config.model_type!r} has no image-classification class in "
                          "transformers (AutoModelForImageClassification cannot build it)") from None
-    return build_classifier(config)
+    try:
+        return build_classifier(config)
+    except ImportError as e:  # transformers' requires_backends: a class that needs an optional package (dinat: natten)
+        raise UsageError(f"{source!r}: {missing_package(e)}") from e
+
+
+def missing_package(error: ImportError) -> str:
+    """One line for an ImportError about an optional package: which one, and how to install it."""
+    match = re.search(r"pip install ([\w.\-\[\]]+)", str(error))
+    name = error.name or (match[1] if match else None)
+    if name:
+        return f"this model type needs the {name} package, which is not installed: pip install {name}"
+    return f"this model type needs a package that is not installed: {one_line(error)}"
 
 
 def _inspect(args) -> int:
@@ -211,7 +247,7 @@ def _inspect(args) -> int:
     from .apply import apply_policy
     from .groups import layer_groups
 
-    policy = FreezePolicy.from_string(args.policy) if args.policy else FreezePolicy(freeze=args.freeze)
+    policy = FreezePolicy.from_string(args.policy) if args.policy else FreezePolicy(freeze=args.freeze or "backbone")
     model = _load_classifier(args.model)
     groups = layer_groups(model)
     if policy.adapter is None:
@@ -247,9 +283,11 @@ def _image_datasets(args, processor):
     else:
         train = datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train")
         val = datasets.load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
-        if train.features["label"].names != val.features["label"].names:
-            raise UsageError(f"--train_dir classes {train.features['label'].names} differ from --validation_dir "
-                             f"classes {val.features['label'].names}: give both folders the same class subfolders")
+        names = [imagefolder_classes(flag, folder, data) for flag, folder, data in
+                 (("--train_dir", args.train_dir, train), ("--validation_dir", args.validation_dir, val))]
+        if names[0] != names[1]:
+            raise UsageError(f"--train_dir classes {names[0]} differ from --validation_dir classes {names[1]}: give "
+                             "both folders the same class subfolders")
 
     def to_inputs(batch):
         images = [im.convert("RGB") for im in batch["image"]]
@@ -335,7 +373,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("inspect", parents=[common], help="print a model's layer groups and preview a freeze policy")
     p.add_argument("model", type=model_source, help="Hub id, local folder, or tiny:<model_type>")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--freeze", default="backbone", type=freeze_value,
+    group.add_argument("--freeze", type=freeze_value,  # None: backbone (a default would not conflict with --policy)
                        help="freeze value to preview: backbone | none | N | selectors (default: backbone)")
     group.add_argument("--policy", type=policy_string,
                        help="a whole policy string, e.g. 'freeze=stem:stage.2;unfreeze=epoch2:1@0.1'")
@@ -377,7 +415,7 @@ def build_parser() -> Parser:
     s.add_argument("--tolerance", type=_number(float, 0, inclusive=True), default=None,
                    help="with --retention_dir: pick the most retentive trial within this much of the best accuracy")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--output_dir", default="outputs/search")
+    s.add_argument("--output_dir", type=output_folder, default="outputs/search")
     parser.commands.update(inspect=p, search=s)
     return parser
 

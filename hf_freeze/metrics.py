@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ._logging import get_logger
+
+logger = get_logger(__name__)
+
 _MODULES = Path(__file__).resolve().parent / "evaluate_metrics"
 #: folder of the accuracy module (``evaluate.load(ACCURACY)``)
 ACCURACY = str(_MODULES / "accuracy")
@@ -35,10 +39,25 @@ def load(path: str):
     return evaluate.load(path, keep_in_memory=True)
 
 
+def count_diverged_as_wrong(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``logits`` where every row holding a NaN or inf (a diverged or fp16-overflowed model) scores its true
+    class last, so argmax and top-k both count it as wrong (numpy's argmax would pick the NaN, class 0)."""
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if not bad.any():
+        return logits
+    logger.warning(f"{int(bad.sum())} of {len(bad)} evaluation examples have non-finite logits (NaN/inf); "
+                   "they count as wrong in the accuracy")
+    logits = np.where(bad[:, None], 0.0, logits).astype(np.float32)
+    logits[np.flatnonzero(bad), labels[bad]] = -1.0
+    return logits
+
+
 def classification_metrics(eval_pred) -> dict[str, float]:
-    """``compute_metrics`` for the Trainer: accuracy, plus top-5 accuracy when there are more than 5 classes."""
+    """``compute_metrics`` for the Trainer: accuracy, plus top-5 accuracy when there are more than 5 classes.
+    Examples whose logits are not finite count as wrong (:func:`count_diverged_as_wrong`)."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     logits = logits[0] if isinstance(logits, tuple) else logits
+    logits = count_diverged_as_wrong(np.asarray(logits), np.asarray(labels))
     metrics = dict(load(ACCURACY).compute(predictions=np.argmax(logits, axis=-1), references=labels))
     if logits.shape[-1] > 5:
         top5 = load(TOP_K_ACCURACY).compute(predictions=logits, references=labels, k=5)

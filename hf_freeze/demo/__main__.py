@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -19,6 +20,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 import hf_freeze
 from hf_freeze.demo import DEFAULT_POLICY
 from hf_freeze.demo.data import transfer_task
+from hf_freeze.demo.pretrain import logger as pretrain_logger
 from hf_freeze.demo.pretrain import pretrained_base, torch_threads
 from hf_freeze.metrics import classification_metrics
 
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     out = Path(a.output_dir)
 
     print("== 1. pretrained base: ResNet on real digits 0-4 (cached after the first run)")
+    pretrain_logger.setLevel(logging.INFO)  # the demo shows the pretraining's progress whatever transformers' level
     base = pretrained_base(seed=a.seed)
     print(f"   {base}  ({json.loads((base / 'pretraining.json').read_text())})")
 

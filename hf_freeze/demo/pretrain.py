@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +30,11 @@ from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 from transformers.utils import logging as hf_logging
 
+from hf_freeze._logging import get_logger
 from hf_freeze.demo.data import IMAGE_SIZE, PRETRAIN_DIGITS, pretraining_task
+
+#: progress lines at INFO, under transformers' logging: they follow --log_level / TRANSFORMERS_VERBOSITY
+logger = get_logger(__name__)
 
 CACHE_ENV = "HF_FREEZE_CACHE"
 FORMAT_VERSION = 2  # bump when the recipe below changes in a way the settings do not capture
@@ -183,8 +186,7 @@ def train_base(
             scheduler.step()
             total += loss.item() * len(idx)
         if progress:
-            print(f"[hf_freeze demo] pretrain epoch {epoch + 1}/{settings.epochs} loss {total / len(y_train):.4f}",
-                  file=sys.stderr)
+            logger.info(f"hf_freeze demo: pretrain epoch {epoch + 1}/{settings.epochs} loss {total / len(y_train):.4f}")
 
     test_accuracy = accuracy(model, x_test, y_test)
     seconds = time.perf_counter() - start
@@ -204,8 +206,7 @@ def train_base(
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     if progress:
-        print(f"[hf_freeze demo] pretrained base: held-out accuracy {test_accuracy:.4f} in {seconds:.1f}s",
-              file=sys.stderr)
+        logger.info(f"hf_freeze demo: pretrained base: held-out accuracy {test_accuracy:.4f} in {seconds:.1f}s")
     model.eval()
     return model, make_image_processor(mean, std, settings.image_size), report
 

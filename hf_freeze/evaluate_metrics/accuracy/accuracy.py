@@ -52,5 +52,9 @@ class Accuracy(evaluate.Metric):
         weights = np.ones(len(correct)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         if len(weights) != len(correct):
             raise ValueError(f"sample_weight has {len(weights)} values for {len(correct)} predictions")
+        if len(correct) == 0:
+            raise ValueError("no predictions: accuracy of an empty set is undefined")
         hits = float((correct * weights).sum())
+        if normalize and not weights.sum() > 0:
+            raise ValueError(f"sample_weight sums to {weights.sum():g}: a normalized accuracy needs a positive total weight")
         return {"accuracy": hits / float(weights.sum()) if normalize else hits}

@@ -2,7 +2,9 @@
 
 A prediction is correct when the true class is among the ``k`` classes with the highest scores. Ties are
 ranked as ``numpy.argmax`` and a stable descending sort rank them (the lower class id first), so ``k=1``
-gives exactly the accuracy of ``argmax`` predictions.
+gives exactly the accuracy of ``argmax`` predictions. Without ties the values are scikit-learn's
+``top_k_accuracy_score``; on tied scores they can differ (scikit-learn ranks the higher class id first).
+Non-finite scores (NaN, inf: a diverged model) are refused, as scikit-learn refuses them.
 
     import evaluate
     from hf_freeze.metrics import TOP_K_ACCURACY
@@ -60,12 +62,21 @@ class TopKAccuracy(evaluate.Metric):
         scores, labels = np.asarray(predictions, dtype=np.float32), np.asarray(references)
         if scores.ndim != 2:
             raise ValueError(f"predictions must hold one score per class for every example, got shape {scores.shape}")
-        if not (isinstance(k, int) and k >= 1):
+        if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if len(labels) == 0:
+            raise ValueError("no predictions: top-k accuracy of an empty set is undefined")
+        if not np.isfinite(scores).all():
+            bad = int((~np.isfinite(scores)).any(axis=1).sum())
+            raise ValueError(f"predictions hold non-finite scores (NaN or inf) in {bad} of {len(scores)} examples "
+                             "(a diverged model?); top-k accuracy needs finite scores")
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= scores.shape[1]:
             raise ValueError(f"references must be class ids in [0, {scores.shape[1]}), got {labels.min()}..{labels.max()}")
         weights = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         if len(weights) != len(labels):
             raise ValueError(f"sample_weight has {len(weights)} values for {len(labels)} examples")
-        total = float((hits(scores, labels, k) * weights).sum())
+        if normalize and not weights.sum() > 0:
+            raise ValueError(f"sample_weight sums to {weights.sum():g}: a normalized top-k accuracy needs a positive "
+                             "total weight")
+        total = float((hits(scores, labels, int(k)) * weights).sum())
         return {"top_k_accuracy": total / float(weights.sum()) if normalize else total}
