@@ -45,6 +45,10 @@ class FreezeArguments:
                 "where unsafe), 'off'."})
     feature_cache_dir: str | None = field(default=None, metadata={
         "help": "Folder of the on-disk feature cache (default: $HF_FREEZE_CACHE/features or ~/.cache/hf_freeze/features)."})
+    feature_cache_max_memory: str | None = field(default=None, metadata={
+        "help": "Most memory a frozen-prefix cache may take ('4GB', '512MiB', bytes; default: half the memory "
+                "available when it is planned). Above it, 'auto' writes the cache to a memory-mapped file under "
+                "--feature_cache_dir (deleted when dropped), 'memory' refuses it, 'disk' writes it anyway."})
     freeze_policy_file: str | None = field(default=None, metadata={
         "help": "Read the whole policy from a freeze_policy.json (file or folder) instead of the flags above."})
     adapter: str | None = field(default=None, metadata={
@@ -71,6 +75,12 @@ class FreezeArguments:
         problems = []
         if self.feature_cache not in MODES:
             problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
+        try:
+            from .prefix_cache import parse_size
+
+            parse_size(self.feature_cache_max_memory)
+        except FreezePolicyError as e:
+            problems.append(str(e))
         if self.freeze_policy_file:
             given = [f"--{name}" for name, default in _POLICY_FLAG_DEFAULTS.items() if getattr(self, name) != default]
             if given:

@@ -70,7 +70,8 @@ BATCH_KEYS = {"pixel_values", "labels"}
 TAIL_MULTIPLE = 32
 #: config entries that only the head (or bookkeeping) reads: a change of labels keeps the cached features
 HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "_name_or_path",
-                    "transformers_version", "architectures", "finetuning_task"}
+                    "transformers_version", "architectures", "finetuning_task",
+                    "dtype", "torch_dtype"}  # written by save_pretrained; the tensors' own dtypes are digested
 _MEMORY: dict[str, FeatureCache] = {}  # the in-process cache, most recently stored last
 MEMORY_ENTRIES = 4  # older entries are dropped (each holds a dataset's features, maybe on the GPU)
 
@@ -845,7 +846,7 @@ class FeatureCacheTrainerMixin:
         plan = self._feature_cache_plan
         if plan is None or get_state(model).trainable_below_head():
             if plan is not None:
-                logger.info("hf_freeze: a group below the head trains now: batches come from the real examples again")
+                logger.info("hf_freeze: a group below the head trains now: the linear-probe cache stops")
             if plan is not None and self.feature_cache_info:
                 self.feature_cache_info["stopped_at_step"] = self.state.global_step
             self.feature_cache, self._feature_cache_plan, self._feature_cache_sizes = None, None, {}

@@ -11,6 +11,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
+from .prefix_cache import PrefixCacheTrainerMixin
 from ._logging import get_logger
 from .adapters import add_adapter
 from .apply import get_state
@@ -39,7 +40,7 @@ from .policy import FreezePolicy, Timing, resolve
 logger = get_logger(__name__)
 
 
-class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
+class FreezeTrainerMixin(PrefixCacheTrainerMixin):
     """Mix into any ``Trainer`` subclass: ``class MyTrainer(FreezeTrainerMixin, Trainer)``.
 
     ``freeze_policy``: a FreezePolicy, dict or policy string; default: the one carried by
