@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 import warnings
@@ -347,8 +346,8 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         labels = torch.randint(0, 10, (a.images,), generator=g)
         setups["vit"] = (vit_maker(a.size), Tensors(torch.randn(a.images, 3, a.size, a.size, generator=g), labels))
-        results["vit_config"] = ("ViT-Ti/16 shape at {0} px: hidden 192, 12 layers, 3 heads, MLP 768, patch 16, random "
-                                 "init, dropout 0".format(a.size))
+        results["vit_config"] = (f"ViT-Ti/16 shape at {a.size} px: hidden 192, 12 layers, 3 heads, MLP 768, patch 16, random "
+                                 "init, dropout 0")
     for name, (make, dataset) in setups.items():
         results["runs"] += compare(name, make, dataset, a.epochs, tmp)
         results["gradual"].append(gradual(name, make, dataset, a.epochs, tmp))

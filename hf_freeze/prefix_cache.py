@@ -31,9 +31,9 @@ first group trains, batches come from the real examples. A batch of another size
 from the cache if the prefix gives the same bits at that size, else from the real examples.
 
 **Storage.** ``memory`` (host memory, rows moved to the model's device per step) while the cache fits
-``feature_cache_max_memory`` (default: half of the memory available when the probe runs); above it ``auto``
-writes it to a temporary file under ``feature_cache_dir`` that is memory-mapped and deleted when the cache
-is dropped, ``memory`` refuses, and ``disk`` always writes a file kept for later runs. Files are safetensors
+``feature_cache_max_memory`` (default: half of the memory available when the trainer is built); above it
+``auto`` writes it to a file under ``feature_cache_dir``/spill that is memory-mapped and deleted when the cache
+is dropped or training ends, ``memory`` refuses, and ``disk`` always writes a file kept for later runs. Files are safetensors
 (written row block by row block, never whole in memory) whose header carries the digest of every tensor,
 checked before a file is reused. Keys as for the linear-probe cache, over the prefix's tensors.
 """
@@ -764,8 +764,10 @@ class PrefixCache:
         if storage == "memory":
             sink = MemorySink(entries)
         else:
-            tmp_key = f"{prefix}-building-{os.getpid()}"
-            sink = DiskSink(folder / f"{tmp_key}.safetensors", {**entries, "labels": (torch.int64, (plan.n,))})
+            # a file kept for later runs goes in the folder, a spill of this run in its spill/ subfolder
+            where = folder if keep else folder / "spill"
+            sink = DiskSink(where / f"{prefix}-building-{os.getpid()}.safetensors",
+                            {**entries, "labels": (torch.int64, (plan.n,))})
         try:
             digest = _pass(model, plan, fetch, prepare, sink, progress)
             if data is not None and digest != data:
@@ -815,7 +817,7 @@ class DiskSink:
         self.writer.append(name, rows)
 
     def finish(self, cls, plan, key, folder, keep):
-        final = folder / f"{key}.safetensors"
+        final = self.path.parent / f"{key}.safetensors"
         self.writer.meta["key"] = key
         self.writer.path = final
         self.writer.close()

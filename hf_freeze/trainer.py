@@ -11,7 +11,6 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
-from .prefix_cache import PrefixCacheTrainerMixin
 from ._logging import get_logger
 from .adapters import add_adapter
 from .apply import get_state
@@ -36,6 +35,7 @@ from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
 from .param_groups import freeze_param_groups
 from .policy import FreezePolicy, Timing, resolve
+from .prefix_cache import PrefixCacheTrainerMixin
 
 logger = get_logger(__name__)
 

@@ -12,9 +12,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 import hf_freeze
-from hf_freeze import FreezePolicyError, FreezeTrainer
+from hf_freeze import FreezePolicyError, FreezeTrainer, prefix_cache
 from hf_freeze import feature_cache as fc
-from hf_freeze import prefix_cache
 
 UNFREEZE = "freeze=backbone;unfreeze=epoch1:1"  # head only for epoch 0, then stage.1 trains too
 

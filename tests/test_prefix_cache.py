@@ -213,14 +213,17 @@ def test_a_table_entry_refuses_its_family(tmp_path, monkeypatch):
 
 # =========================================================================== memory limit, disk
 
-def test_a_cache_over_the_memory_limit_goes_to_a_memory_mapped_file_or_is_refused(tmp_path):
+def test_a_cache_over_the_memory_limit_goes_to_a_memory_mapped_file_or_is_refused(tmp_path, caplog):
     off, w_off = train(tmp_path, "off")
     cache = tmp_path / "fc"
-    auto, w_auto = train(tmp_path, "auto", feature_cache_max_memory="10KB", feature_cache_dir=str(cache))
+    with caplog.at_level(logging.INFO, logger="hf_freeze.prefix_cache"):
+        auto, w_auto = train(tmp_path, "auto", feature_cache_max_memory="10KB", feature_cache_dir=str(cache))
     info = auto.prefix_cache_info[0]
     assert info["bytes"] == 20 * 4096 > 10_000 and info["storage"] == "disk" and info["served_steps"] == 6
+    assert info["path"].startswith(str(cache / "spill"))
+    assert "20 rows x 4.0 KiB = 80.0 KiB, disk (computed)" in caplog.text  # the size per example is logged
     assert differing(w_off, w_auto) == []
-    assert list(cache.iterdir()) == []  # the temporary file is deleted when training ends
+    assert list(cache.rglob("*.safetensors*")) == []  # the spilled file is deleted when training ends
 
     model = tiny_model("resnet", seed=2)
     before = snapshot(model)
