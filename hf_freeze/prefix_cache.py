@@ -978,18 +978,22 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         state = get_state(model)
         groups = leading_frozen(state)
         plan = self._prefix_plan
-        if plan is not None and plan.groups != groups:  # an unfreeze event reached the prefix
-            self._prefix_drop(f"group(s) {sorted(set(plan.groups) - set(groups))} train now")
-            plan = self._prefix_plan = None
+        if plan is not None and plan.groups != groups:  # an unfreeze event reached the prefix: probe again
+            self._prefix_plan, old = None, plan
+            plan = self._plan_prefix(groups)
+            same = (plan is not None and self.prefix_cache is not None and plan.boundary == old.boundary
+                    and repr(plan.layout) == repr(old.layout) and plan.batch_size == old.batch_size)
+            if same:  # the new boundary is the old one (the modules after it draw random numbers): keep its rows
+                self.prefix_cache.plan = plan
+                self.prefix_cache_info[-1]["groups"] = list(plan.groups)
+                logger.info("hf_freeze: the prefix cache at %s still serves (frozen now: %s)", plan.boundary,
+                            "+".join(groups))
+            else:
+                self._prefix_drop(f"group(s) {sorted(set(old.groups) - set(groups))} train now")
+        elif plan is None:
+            plan = self._plan_prefix(groups)
         if plan is None:
-            if not groups or self._prefix_refused == tuple(groups):
-                return None
-            reason, plan = self._prefix_check()
-            if plan is None:
-                self._prefix_refused, self.prefix_cache_refusal = tuple(groups), reason
-                logger.info("hf_freeze: no frozen-prefix cache for %s: %s; training on the real examples", groups, reason)
-                return None
-            self._prefix_plan = plan
+            return None
         if self.prefix_cache is None:
             self.prefix_cache = self._build_prefix_cache(plan)
             if self.prefix_cache is None:
@@ -1001,6 +1005,18 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
             return None
         self.prefix_cache_info[-1]["served_steps"] += 1
         return self.prefix_cache
+
+    def _plan_prefix(self, groups: list[str]) -> PrefixPlan | None:
+        """Probe the prefix now (None: nothing frozen at the input end, or refused: batches use the real examples)."""
+        if not groups or self._prefix_refused == tuple(groups):
+            return None
+        reason, plan = self._prefix_check()
+        if plan is None:
+            self._prefix_refused, self.prefix_cache_refusal = tuple(groups), reason
+            logger.info("hf_freeze: no frozen-prefix cache for %s: %s; training on the real examples", groups, reason)
+            return None
+        self._prefix_plan = plan
+        return plan
 
     def _build_prefix_cache(self, plan: PrefixPlan) -> PrefixCache | None:
         need = plan.n * plan.row_bytes
@@ -1049,7 +1065,7 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
     def _prefix_drop(self, why: str | None) -> None:
         if self.prefix_cache is not None:
             if why:
-                logger.info("hf_freeze: dropping the prefix cache at %s: %s", self._prefix_plan.boundary, why)
+                logger.info("hf_freeze: dropping the prefix cache at %s: %s", self.prefix_cache.plan.boundary, why)
             if self.prefix_cache_info:
                 self.prefix_cache_info[-1]["stopped_at_step"] = self.state.global_step
             self.prefix_cache.close()

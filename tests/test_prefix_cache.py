@@ -156,10 +156,13 @@ def pixel_shortcut():
 
 
 def test_the_boundary_stops_before_the_first_module_that_draws_random_numbers(tmp_path):
-    """Dropout in stage.0 (frozen): the prefix is cached up to the stem, and training equals the uncached run."""
-    off, w_off = train(tmp_path, "off", resnet_with("stage.0", nn.Dropout(0.2)))
-    on, w_on = train(tmp_path, "auto", resnet_with("stage.0", nn.Dropout(0.2)))
+    """Dropout in stage.0 (frozen for epoch 0): the prefix is cached up to the stem, and training equals the uncached
+    run. When stage.0 is unfrozen, the boundary is the same module: its rows keep serving, nothing is rebuilt."""
+    policy = "freeze=stem:stage.0;unfreeze=epoch1:1"
+    off, w_off = train(tmp_path, "off", resnet_with("stage.0", nn.Dropout(0.2)), policy)
+    on, w_on = train(tmp_path, "auto", resnet_with("stage.0", nn.Dropout(0.2)), policy)
     assert served(on) == [("resnet.embedder", 6, None)] and differing(w_off, w_on) == []
+    assert on.prefix_cache_info[0]["groups"] == ["stem"] and on.freeze_callback.events_log[0]["step"] == 3
 
 
 REFUSED = {  # how the model is changed or trained -> what the refusal says
