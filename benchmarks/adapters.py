@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from shared_data import fashion_mnist, few_shot_indices, shared_dir
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 import hf_freeze
-from hf_freeze.groups import named_base_tensors
-from hf_freeze.testing import fashion_mnist, few_shot_indices, shared_dir
+from hf_freeze.names import named_base_tensors
 
 #: method -> (freeze policy, learning rate)
 POLICIES = {
@@ -115,7 +115,7 @@ def run(method: str, args, data, model_path: Path, seed: int) -> dict:
         delta = sum(now[n].numel() * now[n].element_size() for n in changed)
         exact_reload = None
         if hf_freeze.get_state(trainer.model).adapter is not None:
-            delta = sum(p.numel() * p.element_size() for _, _, _, p in hf_freeze.groups.named_peft_parameters(trainer.model))
+            delta = sum(p.numel() * p.element_size() for _, _, _, p in hf_freeze.names.named_peft_parameters(trainer.model))
             delta += sum(now[n].numel() * now[n].element_size() for n in changed)  # 0: nothing pretrained moved
             torch.manual_seed(seed + 1000)  # a different random head under the saved copy
             base = AutoModelForImageClassification.from_pretrained(model_path, num_labels=10, ignore_mismatched_sizes=True)

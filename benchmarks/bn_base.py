@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from shared_data import FASHION_MNIST_CLASSES, fashion_mnist
 from transformers import ResNetForImageClassification
 
 from hf_freeze.demo.pretrain import (
@@ -34,7 +35,6 @@ from hf_freeze.demo.pretrain import (
     random_shift,
     torch_threads,
 )
-from hf_freeze.testing import FASHION_MNIST_CLASSES, fashion_mnist
 
 FMNIST = Path("data") / "fashion-mnist"
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -160,7 +160,7 @@ def pretrained_base(shared: Path, settings: BaseSettings | None = None, cache_di
 
 
 if __name__ == "__main__":
-    from hf_freeze.testing import shared_dir
+    from shared_data import shared_dir
 
     folder = pretrained_base(shared_dir(sys.argv[1] if len(sys.argv) > 1 else None))
     print(folder)

@@ -81,10 +81,9 @@ def run(recipe: str, shared: Path, cache: Path) -> dict:
 
 def main(argv=None) -> int:
     import torch
+    from shared_data import shared_dir
     from transfer import baseline_top1, missing_files
     from transformers.utils import logging as hf_logging
-
-    from hf_freeze.testing import shared_dir
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--shared", default=None)

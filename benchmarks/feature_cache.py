@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from shared_data import FASHION_MNIST_CLASSES, fashion_mnist, few_shot_indices, shared_dir
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainerCallback, set_seed
 
 import hf_freeze
 from hf_freeze.metrics import classification_metrics as accuracy
-from hf_freeze.testing import FASHION_MNIST_CLASSES, fashion_mnist, few_shot_indices, shared_dir
 
 
 class EpochClock(TrainerCallback):

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import shared_dir
 from transformers import AutoModelForImageClassification
 
 import hf_freeze
 from hf_freeze.fingerprint import digests, named_tensors
-from hf_freeze.testing import shared_dir
 
 
 def per_row(tensors) -> dict[str, str]:

@@ -13,10 +13,10 @@ import argparse
 import tempfile
 
 import torch
+from shared_data import shared_dir
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 import hf_freeze
-from hf_freeze.testing import shared_dir
 
 
 class Noise(torch.utils.data.Dataset):

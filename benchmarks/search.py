@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from feature_cache import datasets_for, model_init_for, targs  # same task, same training arguments
+from shared_data import shared_dir
 from transformers import AutoImageProcessor, TrainerCallback
 
 import hf_freeze
 from hf_freeze.metrics import classification_metrics as accuracy
-from hf_freeze.testing import shared_dir
 
 
 class Applied(TrainerCallback):

@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import shared_dir
 from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
 import hf_freeze
-from hf_freeze.testing import shared_dir
 
 
 def now() -> tuple[float, float]:

@@ -91,7 +91,7 @@ PENDING: dict[str, str] = {}
 
 # ---------------------------------------------------------------------------------------------- data
 def shared_root(arg: str | None) -> Path:
-    from hf_freeze.testing import shared_dir
+    from shared_data import shared_dir
 
     return shared_dir(arg)
 
@@ -113,7 +113,7 @@ def resized_uint8(images: np.ndarray, size: int) -> np.ndarray:
 
 def fmnist_subset(shared: Path, split: str, indices: np.ndarray, size: int, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """Resized uint8 images and labels of ``indices`` of a split, cached as ``.npz`` under ``cache``."""
-    from hf_freeze.testing import fashion_mnist
+    from shared_data import fashion_mnist
 
     key = hashlib.sha1(f"{split}-{size}-{indices.tolist()}".encode()).hexdigest()[:16]
     path = cache / f"fmnist-{split}-{size}px-{key}.npz"
@@ -142,8 +142,7 @@ def to_pixels(x: np.ndarray, mean: list[float], std: list[float]):
 def load_draw(shared: Path, shots: int, seed: int, size: int, val_per_class: int, cache: Path, mean, std):
     """``(train_pixels, train_labels, val_pixels, val_labels)`` for one few-shot draw; validation is fixed."""
     import torch
-
-    from hf_freeze.testing import few_shot_indices, read_idx
+    from shared_data import few_shot_indices, read_idx
 
     labels = {s: read_idx(shared / FMNIST / f"{p}-labels-idx1-ubyte.gz").astype(np.int64)
               for s, p in (("train", "train"), ("test", "t10k"))}
@@ -231,9 +230,8 @@ def artefact_bytes(model, pretrained: dict, workdir: Path) -> tuple[int, int, in
 
 def imagenet_retained(model, model_path: Path, processor, folder: Path) -> int:
     """Top-1 hits on the ImageNet samples of the trained backbone under the original 1001-class head."""
+    from shared_data import imagenet_top1
     from transformers import AutoModelForImageClassification
-
-    from hf_freeze.testing import imagenet_top1
 
     original = AutoModelForImageClassification.from_pretrained(model_path)
     prefix = original.base_model_prefix + "."
@@ -294,9 +292,8 @@ def train(strategy: Strategy, model, dataset, epochs: int, seed: int, workdir: P
 def run_one(strategy: Strategy, shared: Path, shots: int, seed: int, epochs: int, size: int, val_per_class: int,
             cache: Path) -> dict:
     import torch
+    from shared_data import FASHION_MNIST_CLASSES
     from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from hf_freeze.testing import FASHION_MNIST_CLASSES
 
     processor = AutoImageProcessor.from_pretrained(shared / MODEL)
     xt, yt, xv, yv = load_draw(shared, shots, seed, size, val_per_class, cache, processor.image_mean,
@@ -362,9 +359,8 @@ def run_config(key: str, shots: int, epochs: int, a) -> dict:
 
 
 def baseline_top1(shared: Path) -> int:
+    from shared_data import imagenet_top1
     from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from hf_freeze.testing import imagenet_top1
 
     model = AutoModelForImageClassification.from_pretrained(shared / MODEL)
     return imagenet_top1(model, AutoImageProcessor.from_pretrained(shared / MODEL), shared / IMAGENET)

@@ -114,10 +114,10 @@ class Task:
 def load_task(shared: Path, base: Path, shots: int, seed: int, quick: bool = False) -> Task:
     import torch
     from bn_base import FMNIST, SOURCE_CLASSES, TARGET_CLASSES, class_subset, gray_pixels
+    from shared_data import fashion_mnist
     from transformers import AutoImageProcessor
 
     from hf_freeze.demo.pretrain import normalize
-    from hf_freeze.testing import fashion_mnist
 
     processor = AutoImageProcessor.from_pretrained(base)
     mean, std = processor.image_mean, processor.image_std
@@ -292,9 +292,8 @@ def load_for_transfer(base: Path, seed: int):
     re-initialised explicitly: ``ignore_mismatched_sizes`` would keep it)."""
     import torch
     from bn_base import TARGET_CLASSES
+    from shared_data import FASHION_MNIST_CLASSES
     from transformers import AutoModelForImageClassification
-
-    from hf_freeze.testing import FASHION_MNIST_CLASSES
 
     names = [FASHION_MNIST_CLASSES[c] for c in TARGET_CLASSES]
     model = AutoModelForImageClassification.from_pretrained(
@@ -365,9 +364,8 @@ def run_path(folder: Path, key: str, shots: int, seed: int, epochs: int) -> Path
 def worker(a) -> None:
     """One strategy x data size, the listed seeds, in this (fresh) process; writes one JSON per finished run."""
     import torch
+    from shared_data import shared_dir
     from transformers.utils import logging as hf_logging
-
-    from hf_freeze.testing import shared_dir
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()
@@ -411,9 +409,8 @@ def base_facts(base: Path, shared: Path, quick: bool) -> dict:
 def orchestrate(a) -> dict | None:
     import torch
     from bn_base import pretrained_base
+    from shared_data import shared_dir
     from transfer import machine_info
-
-    from hf_freeze.testing import shared_dir
 
     shared = shared_dir(a.shared)
     missing = missing_files(shared)

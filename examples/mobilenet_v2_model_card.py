@@ -2,7 +2,8 @@
 
     python examples/mobilenet_v2_model_card.py --card_dir docs/example_model_card
 
-Needs ``../shared`` (or ``HF_FREEZE_SHARED``): ``models/mobilenet_v2_1.0_224-imagenet`` and ``data/fashion-mnist``.
+Needs ``../shared`` (or ``HF_FREEZE_SHARED``): ``models/mobilenet_v2_1.0_224-imagenet`` and ``data/fashion-mnist``,
+read with ``benchmarks/shared_data.py`` (so run it from a checkout).
 The head is replaced (10 classes) and trained with the backbone frozen (BatchNorm locked in inference mode); at
 epoch 2 the neck (the 1x1 conv to 1280 channels) is unfrozen at a tenth of the learning rate. Images are fed at
 112 px (Fashion-MNIST is 28 px; 224 px costs 4x the compute for nothing on 2 CPU cores). The card
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,9 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_freeze
 from hf_freeze.metrics import classification_metrics as accuracy
-from hf_freeze.testing import FASHION_MNIST_CLASSES, fashion_mnist, few_shot_indices, shared_dir
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the readers of the shared/ fixtures
+from shared_data import FASHION_MNIST_CLASSES, fashion_mnist, few_shot_indices, shared_dir  # noqa: E402
 
 POLICY = "freeze=backbone;unfreeze=epoch2:neck@0.1"
 

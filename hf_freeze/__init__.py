@@ -17,18 +17,18 @@ __version__ = "0.1.0"
 #: public name -> the submodule that defines it
 _EXPORTS = {
     # policies and the core engine
-    "FreezePolicy": "policy", "Unfreeze": "policy", "FreezePlan": "policy", "resolve": "policy",
+    "FreezePolicy": "policy", "Unfreeze": "policy", "FreezePlan": "plan", "resolve": "plan",
     "LayerGroup": "groups", "LayerGroups": "groups", "layer_groups": "groups",
     "apply_policy": "apply", "remove_policy": "apply", "unfreeze_groups": "apply", "verify_frozen": "apply",
-    "changed_frozen_tensors": "apply", "get_state": "apply",
+    "changed_frozen_tensors": "apply", "get_state": "state",
     "FreezeReport": "report", "freeze_report": "report", "Fingerprint": "fingerprint",
     "FreezePolicyError": "errors", "FrozenWeightsChanged": "errors", "UnsupportedModelError": "errors",
     # Trainer integration
     "FreezeCallback": "callback", "FreezeTrainer": "trainer", "FreezeTrainerMixin": "trainer",
-    "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "trainer",
+    "FreezeArguments": "args", "FreezeTrainingArguments": "args", "policy_from_pretrained": "policy",
     "FreezeSearchSpace": "search", "SearchResult": "search", "search_freeze_policies": "search",
     # adapters
-    "AdapterConfig": "adapters", "AdapterPlan": "adapters", "add_adapter": "adapters", "load_adapter": "adapters",
+    "AdapterConfig": "adapter_config", "AdapterPlan": "adapter_plan", "add_adapter": "adapters", "load_adapter": "adapters",
     "save_adapter": "adapters",
     # sharing
     "CardConfig": "model_card", "render_model_card": "model_card", "write_model_card": "model_card",
@@ -58,15 +58,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed in __all__ through _EXPORTS)
-    from .adapters import AdapterConfig, AdapterPlan, add_adapter, load_adapter, save_adapter
-    from .apply import (
-        apply_policy,
-        changed_frozen_tensors,
-        get_state,
-        remove_policy,
-        unfreeze_groups,
-        verify_frozen,
-    )
+    from .adapter_config import AdapterConfig
+    from .adapter_plan import AdapterPlan
+    from .adapters import add_adapter, load_adapter, save_adapter
+    from .apply import apply_policy, changed_frozen_tensors, remove_policy, unfreeze_groups, verify_frozen
     from .args import DeltaArguments, FreezeArguments, FreezeTrainingArguments
     from .callback import FreezeCallback
     from .delta import BaseModelChanged, DeltaManifest, apply_delta, from_pretrained, save_delta
@@ -75,7 +70,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports: names listed i
     from .groups import LayerGroup, LayerGroups, layer_groups
     from .hub import PushFailed, push_folder
     from .model_card import CardConfig, render_model_card, write_model_card
-    from .policy import FreezePlan, FreezePolicy, Unfreeze, resolve
+    from .plan import FreezePlan, resolve
+    from .policy import FreezePolicy, Unfreeze, policy_from_pretrained
     from .report import FreezeReport, freeze_report
     from .search import FreezeSearchSpace, SearchResult, search_freeze_policies
-    from .trainer import FreezeTrainer, FreezeTrainerMixin, policy_from_pretrained
+    from .state import get_state
+    from .trainer import FreezeTrainer, FreezeTrainerMixin

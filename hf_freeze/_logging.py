@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from transformers.utils import logging as hf_logging
+
 ROOT = "hf_freeze"
 
 
@@ -17,8 +19,6 @@ def get_logger(name: str) -> logging.Logger:
     """``logging.getLogger(name)`` for a module of hf_freeze, with the ``hf_freeze`` logger under transformers'."""
     root = logging.getLogger(ROOT)
     if not getattr(root, "_under_transformers", False):
-        from transformers.utils import logging as hf_logging
-
         root.parent = hf_logging.get_logger("transformers")  # the library root, configured (handler, env level)
         root._under_transformers = True
         root.setLevel(root.level)  # clears the loggers' cached effective levels

@@ -10,64 +10,19 @@ and the trained copies of ``modules_to_save`` train.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import nn
 
 from . import batchnorm
+from ._compat import moved_names
+from .adapter_plan import check_wrapped, resolve_adapter
 from .errors import FreezePolicyError, FrozenWeightsChanged
-from .fingerprint import Fingerprint, base_state_dict, named_tensors
-from .groups import (
-    COPY,
-    LayerGroups,
-    layer_groups,
-    named_base_parameters,
-    named_peft_parameters,
-    peft_wrappers,
-    unwrap_model,
-)
-from .policy import FreezePlan, FreezePolicy, resolve
-
-STATE_ATTR = "_hf_freeze_state"
-
-
-@dataclass
-class FreezeState:
-    policy: FreezePolicy
-    plan: FreezePlan
-    groups: LayerGroups
-    original_requires_grad: dict[str, bool]
-    frozen: set[str] = field(default_factory=set)
-    locked_norms: set[str] = field(default_factory=set)
-    fingerprint: Fingerprint = field(default_factory=Fingerprint)
-    #: group name -> (when it was unfrozen, lr scale it was unfrozen with)
-    unfrozen: dict[str, tuple[str, float]] = field(default_factory=dict)
-    events_done: int = 0
-    #: the resolved PEFT adapter (hf_freeze.adapters.AdapterPlan) when the policy has one
-    adapter: object | None = None
-    #: parameters the user had frozen (``requires_grad=False``) before the policy: they stay frozen, events included
-    user_frozen: set[str] = field(default_factory=set)
-    #: the fingerprint taken when the policy was applied (before any unfreeze)
-    applied_fingerprint: Fingerprint = field(default_factory=Fingerprint)
-
-    def trainable_below_head(self) -> list[str]:
-        """Groups below the head with any trainable parameter (empty: a pure head-only phase)."""
-        return [g.name for g in self.groups if g.name != "head" and not set(g.param_names) <= self.frozen]
-
-    def group_lr_scale(self, group: str) -> float:
-        """LR multiplier: depth decay x the scale it was (or will be) unfrozen with."""
-        return self.plan.depth_scale[group] * self.unfrozen.get(group, ("", self.plan.initial_scale(group)))[1]
-
-
-def get_state(model: nn.Module) -> FreezeState | None:
-    return getattr(unwrap_model(model), STATE_ATTR, None)
-
-
-def require_state(model: nn.Module) -> FreezeState:
-    state = get_state(model)
-    if state is None:
-        raise RuntimeError("no freeze policy is applied to this model; call hf_freeze.apply_policy(model, policy) first")
-    return state
+from .fingerprint import Fingerprint, base_state_dict, digests
+from .groups import LayerGroups, layer_groups
+from .names import COPY, ModelNames, peft_wrappers, unwrap_model
+from .plan import FreezePlan, resolve
+from .policy import FreezePolicy
+from .report import freeze_report
+from .state import FreezeState, attach, detach, get_state, require_state
 
 
 def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = None):
@@ -79,21 +34,20 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     unfreezes: it is fingerprinted like any frozen tensor, the report counts it under ``user_frozen``, and
     :func:`remove_policy` leaves it as the user set it.
     """
-    from .report import freeze_report
-
     model = unwrap_model(model)
     policy = FreezePolicy.coerce(policy)
     groups = layer_groups(model)
     plan = resolve(policy, groups)
-    _check_quantized(model, groups, plan)
+    names = ModelNames.of(model)
+    _check_quantized(names.base_parameters(model), groups, plan)
     adapter = _check_adapter(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
     # with an adapter PEFT has frozen every pretrained parameter itself, and all of them stay frozen anyway
-    user_frozen = set() if adapter is not None else {n for n, p in named_base_parameters(model) if not p.requires_grad}
+    user_frozen = set() if adapter is not None else {n for n, p in names.base_parameters(model) if not p.requires_grad}
     state = FreezeState(policy, plan, groups,
                         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
-                        adapter=adapter, user_frozen=user_frozen)
-    setattr(model, STATE_ATTR, state)
+                        adapter=adapter, user_frozen=user_frozen, names=names)
+    attach(model, state)
     set_frozen(model, plan.frozen_params)
     state.applied_fingerprint = Fingerprint(dict(state.fingerprint.digests))
     return freeze_report(model)
@@ -107,9 +61,10 @@ def cannot_train(p) -> bool:
     return not (p.is_floating_point() or p.is_complex()) or type(p).__name__ in QUANTIZED_PARAM_CLASSES
 
 
-def _check_quantized(model: nn.Module, groups: LayerGroups, plan: FreezePlan) -> None:
-    """Quantized parameters may be frozen, never trained: refuse a plan that trains or unfreezes their group."""
-    stuck = {n for n, p in named_base_parameters(model) if cannot_train(p)}
+def _check_quantized(params: list[tuple[str, nn.Parameter]], groups: LayerGroups, plan: FreezePlan) -> None:
+    """Quantized parameters (of the pretrained ``params``) may be frozen, never trained: refuse a plan that trains
+    or unfreezes their group."""
+    stuck = {n for n, p in params if cannot_train(p)}
     if not stuck:
         return
     trained = {n for g in groups for n in g.param_names} - plan.frozen_params
@@ -121,20 +76,14 @@ def _check_quantized(model: nn.Module, groups: LayerGroups, plan: FreezePlan) ->
         when = sorted({later[n].when for n in bad if n in later})
         raise FreezePolicyError(
             f"group(s) {names} hold quantized / integer parameters that cannot train ({', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}; dtype {_param(model, bad[0]).dtype}), but the policy "
+            f"{', ...' if len(bad) > 3 else ''}; dtype {dict(params)[bad[0]].dtype}), but the policy "
             f"{'unfreezes them (' + ', '.join(when) + ')' if when else 'trains them'}. Keep those groups frozen "
             "(frozen quantized weights are fine: they are verified like any other), or train an adapter on them "
             "(FreezePolicy(adapter=...)).")
 
 
-def _param(model: nn.Module, name: str):
-    return dict(named_base_parameters(model))[name]
-
-
 def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan):
     """The resolved adapter plan (None without an adapter); the model must carry exactly that PEFT adapter."""
-    from . import adapters
-
     wrapped = bool(peft_wrappers(model))
     if policy.adapter is None:
         if wrapped:
@@ -142,12 +91,12 @@ def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, 
                                     "adapter (FreezePolicy(adapter=...)), or apply the policy to the model before "
                                     "wrapping it")
         return None
-    adapter = adapters.resolve_adapter(policy, groups, plan, model)
+    adapter = resolve_adapter(policy, groups, plan, model)
     if not wrapped:
         raise FreezePolicyError(f"policy {policy.to_string()!r} has an adapter: wrap the model with "
                                 "hf_freeze.add_adapter(model, policy) (it returns the peft.PeftModel), or use "
                                 "FreezeTrainer(freeze_policy=...), which does that")
-    adapters.check_wrapped(model, adapter)
+    check_wrapped(model, adapter)
     return adapter
 
 
@@ -163,17 +112,19 @@ def set_frozen(model: nn.Module, frozen: set[str] | frozenset[str], *, refingerp
     """
     model = unwrap_model(model)
     state = require_state(model)
+    names = state.names_of(model)
     state.frozen = set(frozen) | state.user_frozen
-    for n, p in named_base_parameters(model):
+    for n, p in names.base_parameters(model):
         p.requires_grad_(state.adapter is None and n not in state.frozen)
-    for _, base, role, p in named_peft_parameters(model):
+    for _, base, role, p in names.peft_parameters(model):
         if role == COPY and base in state.frozen:
             p.requires_grad_(False)
-    tracked = _sync_norms(model, state)
+    tracked = _sync_norms(model, state, names)
+    tensors = names.base_tensors(model) if refingerprint or state.adapter is not None else {}
     if state.adapter is not None:
-        tracked = set(named_tensors(model))
+        tracked = set(tensors)
     if refingerprint:
-        state.fingerprint = Fingerprint.take(model, sorted(tracked))
+        state.fingerprint = Fingerprint(digests({n: tensors[n] for n in sorted(tracked)}))
     else:
         state.fingerprint.drop(set(state.fingerprint.digests) - tracked)
         applied = state.applied_fingerprint.digests
@@ -192,12 +143,13 @@ def norm_locked(state: FreezeState, frozen_here: bool, unfrozen_here: bool) -> b
     return frozen_here or (unfrozen_here and not state.policy.unfreeze_bn)
 
 
-def _sync_norms(model: nn.Module, state: FreezeState) -> set[str]:
+def _sync_norms(model: nn.Module, state: FreezeState, names: ModelNames) -> set[str]:
     """Lock/unlock running-stat norms to match ``state.frozen``; return the tensor names to fingerprint."""
     group_of = state.groups.group_of()
     fully_frozen = {g.name for g in state.groups if set(g.param_names) <= state.frozen}
     tracked = set(state.frozen) | {b for g in fully_frozen for b in state.groups[g].buffer_names}
-    for name, module in batchnorm.stat_norms(model).items():
+    norms = batchnorm.stat_norms(model, names)
+    for name, module in norms.items():
         prefix = f"{name}." if name else ""
         own = [prefix + p for p, _ in module.named_parameters(recurse=False)]
         buffers = {prefix + b for b, _ in module.named_buffers(recurse=False)}
@@ -210,7 +162,7 @@ def _sync_norms(model: nn.Module, state: FreezeState) -> set[str]:
             if batchnorm.is_locked(module):
                 batchnorm.unlock(module, model.training)
             tracked -= buffers
-    state.locked_norms = {n for n, m in batchnorm.stat_norms(model).items() if batchnorm.is_locked(m)}
+    state.locked_norms = {n for n, m in norms.items() if batchnorm.is_locked(m)}
     return tracked
 
 
@@ -230,7 +182,8 @@ def unfreeze_groups(model: nn.Module, group_names, *, when: str = "manual", lr_s
     if unknown:
         raise FreezePolicyError(f"unknown group(s) {unknown}; groups are {state.groups.names}")
     group_of = state.groups.group_of()
-    stuck = [n for n, p in named_base_parameters(model) if cannot_train(p) and group_of.get(n) in group_names]
+    stuck = [n for n, p in state.names_of(model).base_parameters(model)
+             if cannot_train(p) and group_of.get(n) in group_names]
     if stuck:
         raise FreezePolicyError(f"cannot unfreeze {list(group_names)}: they hold quantized / integer parameters that "
                                 f"cannot train ({', '.join(stuck[:3])}); keep them frozen or train an adapter on them")
@@ -272,15 +225,10 @@ def remove_policy(model: nn.Module) -> None:
         return
     for n, p in model.named_parameters():
         p.requires_grad_(state.original_requires_grad.get(n, True))
-    for module in batchnorm.stat_norms(model).values():
+    for module in batchnorm.stat_norms(model, state.names_of(model)).values():
         if batchnorm.is_locked(module):
             batchnorm.unlock(module, model.training)
-    from .callback import saves_policy
-
-    for module in model.modules():  # the FreezeCallback's save_pretrained that also writes freeze_policy.json
-        if saves_policy(module):
-            del module.__dict__["save_pretrained"]
-    delattr(model, STATE_ATTR)
+    detach(model)  # the state, and the FreezeCallback's save_pretrained that also writes freeze_policy.json
 
 
 def changed_frozen_tensors(model: nn.Module, state_dict: dict | None = None, *, collective: bool = True) -> list[str]:
@@ -306,3 +254,6 @@ def verify_frozen(model: nn.Module, where: str = "", *, state_dict: dict | None 
     changed = changed_frozen_tensors(model, state_dict)
     if changed:
         raise FrozenWeightsChanged(changed, where)
+
+
+__getattr__ = moved_names(__name__, {"STATE_ATTR": "state"})

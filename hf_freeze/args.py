@@ -9,36 +9,51 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .adapters import AdapterConfig
+from . import _fields
+from .adapter_config import AdapterConfig
 from .checks import policy_problems, schedule_problems, unknown_choice
 from .errors import FreezePolicyError
-from .policy import FreezePolicy, Unfreeze
+from .feature_cache import MODES
+from .policy import FreezePolicy
+from .prefix_cache import parse_size
+
+
+def with_flags(*configs):
+    """Class decorator (under ``@dataclass``): add a flag for every flag-carrying field of ``configs``, declared
+    there once (:func:`hf_freeze._fields.declare`): its name, help and type come from the declaration."""
+
+    def add(cls):
+        flags = [flag for config in configs for flag in _fields.flag_fields(config)]
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        cls.__annotations__ = {**{name: kind for name, kind, _ in flags}, **own}
+        for name, _, spec in flags:
+            setattr(cls, name, spec)
+        return cls
+
+    return add
+
+
+#: flag name -> (config class, the field it sets)
+POLICY_FLAGS = {flag: (FreezePolicy, name) for flag, name in _fields.flag_source(FreezePolicy).items()}
+ADAPTER_FLAGS = {flag: (AdapterConfig, name) for flag, name in _fields.flag_source(AdapterConfig).items()}
+
+
+def _given(value) -> bool:
+    """A flag counts as given unless it holds its default (None, False for a switch, True for verify) or ''."""
+    return value is not None and value != ""
 
 
 @dataclass
+@with_flags(FreezePolicy, AdapterConfig)
 class FreezeArguments:
-    """The freeze policy as command-line flags (see ``hf_freeze.policy`` for the value syntax)."""
+    """The freeze policy as command-line flags: one per field of :class:`~hf_freeze.FreezePolicy` and of its
+    :class:`~hf_freeze.AdapterConfig` (``--lora_r`` etc.), named, typed and explained where the field is declared,
+    plus the feature cache and ``--freeze_policy_file``."""
 
-    freeze: str | None = field(default=None, metadata={
-        "help": "What to freeze: 'backbone' (all but the head), 'none', N (the first N groups), or comma-separated "
-                "group names, ranges ('stem:stage.2') and parameter globs ('*.bn*'). See `hf-freeze inspect MODEL`. "
-                "Default: the policy recorded in the model's config, else 'backbone'."})
-    unfreeze: str | None = field(default=None, metadata={
-        "help": "Unfreeze schedule: comma-separated 'epochE:GROUPS[@LR_SCALE]' or 'stepS:GROUPS[@LR_SCALE]'; GROUPS "
-                "is N (next N frozen groups nearest the head) or names joined by '+'. Example: epoch2:1@0.1,epoch4:2@0.01"})
-    train_bn: bool = field(default=False, metadata={
-        "help": "Let BatchNorm layers in frozen groups update their statistics (default: they stay in inference mode)."})
-    unfreeze_bn: bool = field(default=False, metadata={
-        "help": "Let BatchNorm layers of groups unfrozen by the schedule use batch statistics again (default: they stay "
-                "in inference mode and keep their pretrained statistics; their weights still train)."})
-    layer_lr_decay: float | None = field(default=None, metadata={
-        "help": "Layer-wise LR decay in (0, 1]: each group nearer the input gets this factor once more (head at the base LR)."})
-    verify_frozen: bool = field(default=True, metadata={
-        "help": "Check on every save and at the end that frozen tensors are bit-identical (FrozenWeightsChanged if not)."})
     feature_cache: str = field(default="auto", metadata={
         "help": "Linear-probe feature cache while everything below the head is frozen: 'auto' (use it where it "
                 "provably gives the same training, in memory), 'memory' or 'disk' (force it; refuse with the reason "
@@ -51,16 +66,6 @@ class FreezeArguments:
                 "--feature_cache_dir (deleted when dropped), 'memory' refuses it, 'disk' writes it anyway."})
     freeze_policy_file: str | None = field(default=None, metadata={
         "help": "Read the whole policy from a freeze_policy.json (file or folder) instead of the flags above."})
-    adapter: str | None = field(default=None, metadata={
-        "help": "Train a PEFT adapter on the frozen groups instead of unfreezing them: 'lora', 'loha' or 'lokr', "
-                "optionally with options ('lora,use_dora=true'). The head trains whole and is saved with the adapter."})
-    lora_r: int | None = field(default=None, metadata={"help": "Adapter rank (default 8)."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "Adapter alpha (default 16)."})
-    lora_dropout: float | None = field(default=None, metadata={
-        "help": "Adapter dropout (default 0.0; LoRA's lora_dropout, LoHa/LoKr's rank_dropout)."})
-    adapter_groups: str | None = field(default=None, metadata={
-        "help": "Groups that get adapters: 'backbone' (default: all but the head), N (the last N before the head), "
-                "or names/ranges joined by '+' or ',' (stage.2+stage.3, stage.1:neck)."})
 
     def __post_init__(self):
         self.check_freeze_arguments()
@@ -70,19 +75,15 @@ class FreezeArguments:
         model, data or folder is touched): values, group-name shapes, adapter method, feature-cache mode, and
         unfreeze events that would never fire within ``num_train_epochs``/``max_steps``. FreezePolicyError names
         each problem; what needs the model (does it have a ``stage.9``?) is checked by FreezeTrainer."""
-        from .feature_cache import MODES
-
         problems = []
         if self.feature_cache not in MODES:
             problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
         try:
-            from .prefix_cache import parse_size
-
             parse_size(self.feature_cache_max_memory)
         except FreezePolicyError as e:
             problems.append(str(e))
         if self.freeze_policy_file:
-            given = [f"--{name}" for name, default in _POLICY_FLAG_DEFAULTS.items() if getattr(self, name) != default]
+            given = [f"--{flag}" for flag in self._given_flags()]
             if given:
                 problems.append(f"--freeze_policy_file sets the whole policy, so {', '.join(given)} would be ignored; "
                                 "give either the file or the flags")
@@ -98,29 +99,33 @@ class FreezeArguments:
         if problems:
             raise FreezePolicyError("; ".join(problems))
 
+    def _given_flags(self) -> list[str]:
+        """The policy and adapter flags given (not at their default)."""
+        defaults = {f.name: f.default for f in fields(FreezeArguments)}
+        return [flag for flag in (*POLICY_FLAGS, *ADAPTER_FLAGS)
+                if _given(getattr(self, flag)) and getattr(self, flag) != defaults[flag]]
+
     def freeze_policy(self) -> FreezePolicy | None:
         """The FreezePolicy these arguments describe, or None when no freeze flag was given."""
         if self.freeze_policy_file:
             return FreezePolicy.from_pretrained(self.freeze_policy_file)
-        given = (self.freeze is not None or bool(self.unfreeze) or self.train_bn or self.layer_lr_decay is not None
-                 or not self.verify_frozen or self.unfreeze_bn
-                 or self.adapter_config() is not None)
-        if not given:
+        adapter = self.adapter_config()
+        given = [flag for flag in self._given_flags() if flag in POLICY_FLAGS]
+        if not given and adapter is None:
             return None
-        events = [Unfreeze.from_string(e) for e in (self.unfreeze or "").split(",") if e.strip()]
-        return FreezePolicy(freeze=self.freeze or "backbone", unfreeze=events, train_bn=self.train_bn,
-                            layer_lr_decay=self.layer_lr_decay, verify=self.verify_frozen, unfreeze_bn=self.unfreeze_bn,
-                            adapter=self.adapter_config())
+        values = {name: _fields.parse_value(FreezePolicy, name, getattr(self, flag))
+                  for flag, (_, name) in POLICY_FLAGS.items() if flag in given and name != "adapter"}
+        return FreezePolicy(**values, adapter=adapter)
 
     def adapter_config(self) -> AdapterConfig | None:
         """The adapter the flags describe (``--adapter`` plus the ``--lora_*``/``--adapter_groups`` flags), or None."""
-        flags = {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
-                 "groups": self.adapter_groups.replace(",", "+") if self.adapter_groups else None}
-        flags = {k: v for k, v in flags.items() if v is not None}
+        flags = {name: getattr(self, flag) for flag, (_, name) in ADAPTER_FLAGS.items() if _given(getattr(self, flag))}
+        if "groups" in flags:
+            flags["groups"] = flags["groups"].replace(",", "+")  # on the command line ',' joins groups too
         if not self.adapter:
             if flags:
-                names = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "groups": "--adapter_groups"}
-                raise FreezePolicyError(f"{', '.join(names[k] for k in flags)} given without --adapter "
+                names = {name: flag for flag, (_, name) in ADAPTER_FLAGS.items()}
+                raise FreezePolicyError(f"{', '.join('--' + names[k] for k in flags)} given without --adapter "
                                         "(e.g. --adapter lora)")
             return None
         config = AdapterConfig.from_string(self.adapter)
@@ -131,10 +136,12 @@ class FreezeArguments:
         return AdapterConfig.from_dict({**config.to_dict(), **flags})
 
 
-#: the flags that make up a policy, with their defaults (``--freeze_policy_file`` replaces them all)
-_POLICY_FLAG_DEFAULTS = {"freeze": None, "unfreeze": None, "train_bn": False, "unfreeze_bn": False,
-                         "layer_lr_decay": None, "verify_frozen": True, "adapter": None, "lora_r": None,
-                         "lora_alpha": None, "lora_dropout": None, "adapter_groups": None}
+def policy_from_fields(args, params: dict) -> FreezePolicy | None:
+    """The policy of ``args``' freeze fields with ``params`` (a trial's FreezeArguments values) put over them."""
+    if not isinstance(args, FreezeArguments):
+        return None
+    values = {f.name: params.get(f.name, getattr(args, f.name)) for f in fields(FreezeArguments)}
+    return FreezeArguments(**values).freeze_policy()
 
 
 @dataclass

@@ -12,18 +12,19 @@ import functools
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .names import ModelNames
+
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
     module.training = False
     return module
 
 
-def stat_norms(model: nn.Module) -> dict[str, nn.Module]:
+def stat_norms(model: nn.Module, names: ModelNames | None = None) -> dict[str, nn.Module]:
     """Modules whose forward updates running statistics in training mode (BatchNorm*, SyncBatchNorm, ...);
-    inside a PEFT-wrapped model, the pretrained ones under their unwrapped names."""
-    from .groups import named_base_modules
-
-    return {n: m for n, m in named_base_modules(model) if isinstance(m, _NormBase) and m.track_running_stats}
+    inside a PEFT-wrapped model, the pretrained ones under their unwrapped names (``names``: the model's, if known)."""
+    modules = (names or ModelNames.of(model)).base_modules(model)
+    return {n: m for n, m in modules if isinstance(m, _NormBase) and m.track_running_stats}
 
 
 def lock_eval(module: nn.Module) -> None:

@@ -14,7 +14,6 @@ on_train_begin -> steps ...
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -23,16 +22,21 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ._compat import moved_names
 from ._logging import get_logger
-from .apply import apply_policy, get_state, rewind_events, set_frozen, unfreeze_groups, verify_frozen
+from .apply import apply_policy, rewind_events, set_frozen, unfreeze_groups, verify_frozen
 from .distributed import check_backend
 from .errors import FreezePolicyError
-from .groups import layer_groups, unwrap_model
+from .folder import checkpoint_kind, record_in_config, write_policy
+from .groups import layer_groups
+from .names import unwrap_model
 from .param_groups import ever_trainable
-from .policy import FreezePolicy, Timing, resolve
+from .plan import Timing, resolve
+from .policy import FreezePolicy
+from .report import freeze_report
+from .state import get_state, save_policy_with
 
 logger = get_logger(__name__)
-CONFIG_KEY = "freeze_policy"
 
 
 class FreezeCallback(TrainerCallback):
@@ -79,9 +83,7 @@ class FreezeCallback(TrainerCallback):
             # image classifiers return a mean loss; the Trainer would multiply it by the world size
             logger.warning("hf_freeze: setting average_tokens_across_devices=False (image classifiers return a mean loss)")
             args.average_tokens_across_devices = False
-        config = getattr(model, "config", None)
-        if config is not None:
-            setattr(config, CONFIG_KEY, self.policy.to_dict())
+        record_in_config(getattr(model, "config", None), self.policy)
         for m in {id(outer): outer, id(model): model}.values():
             save_policy_with(m)
         future = ever_trainable(state) & state.frozen
@@ -131,8 +133,6 @@ class FreezeCallback(TrainerCallback):
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on
         self.pending_logs["freeze/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if logger.isEnabledFor(self._log_level):
-            from .report import freeze_report
-
             logger.log(self._log_level, "hf_freeze: freeze policy at the start of training:\n%s", freeze_report(model))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -181,7 +181,7 @@ class FreezeCallback(TrainerCallback):
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(checkpoint) and state.is_world_process_zero:
-            self.policy.save_pretrained(checkpoint)
+            write_policy(checkpoint, self.policy)
         if self.policy.verify:
             verify_frozen(model, f"when saving checkpoint-{state.global_step}")
 
@@ -213,33 +213,7 @@ class FreezeCallback(TrainerCallback):
                         checkpoint, step, ", ".join(groups))
 
 
-def _save_pretrained_with_policy(model, save_directory, *args, **kwargs):
-    """``save_pretrained`` of the model's class, then the applied policy's ``freeze_policy.json`` beside it."""
-    out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
-    state = get_state(model)
-    if state is not None and kwargs.get("is_main_process", True):
-        state.policy.save_pretrained(save_directory)
-    return out
-
-
-def save_policy_with(model) -> None:
-    """Make ``model.save_pretrained`` (what ``Trainer.save_model`` calls) write ``freeze_policy.json`` too.
-
-    An instance attribute, like the BatchNorm lock: it survives ``copy.deepcopy``/pickle, and
-    :func:`hf_freeze.remove_policy` deletes it.
-    """
-    if callable(getattr(type(model), "save_pretrained", None)) and not saves_policy(model):
-        model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_with_policy, model)
-
-
-def saves_policy(model) -> bool:
-    fn = model.__dict__.get("save_pretrained")
-    return isinstance(fn, functools.partial) and fn.func is _save_pretrained_with_policy
-
-
 def _has_weights(folder) -> bool:
-    from .hub import checkpoint_kind
-
     try:
         checkpoint_kind(folder)
     except FileNotFoundError:
@@ -270,3 +244,6 @@ def _remove_if_new_and_empty(folder, since: float) -> None:
             os.rmdir(folder)
     except OSError:
         pass
+
+
+__getattr__ = moved_names(__name__, {"saves_policy": "state", "CONFIG_KEY": "folder"})

@@ -15,7 +15,9 @@ import re
 import zipfile
 from pathlib import Path
 
-from .delta import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS
+from safetensors import safe_open
+
+from .folder import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -23,8 +25,6 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt"):
             return None

@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from .tiny import CFG
+
 FREEZE_KEYWORDS = ("backbone", "none")
 GROUP_WORDS = ("stem", "neck", "head")
 _GROUP_NAME = re.compile(r"stem|neck|head|stage\.\d+")
@@ -102,8 +104,6 @@ def model_source_problem(value: str, *, tiny: bool = True) -> str | None:
     """What is wrong with a model reference before anything is loaded: ``tiny:<type>`` (a known type, when
     ``tiny``), a folder (it must hold ``config.json``), else something shaped like a Hub id. None if fine."""
     if value.startswith("tiny:"):
-        from .tiny import CFG
-
         name = value.removeprefix("tiny:")
         if not tiny:
             return (f"{value!r} is a random tiny model; this needs pretrained weights (a Hub id or a folder saved "
@@ -119,6 +119,7 @@ def model_source_problem(value: str, *, tiny: bool = True) -> str | None:
         return None
     if path.exists():
         return f"{value!r} is a file; give the model's folder (the one holding config.json) or a Hub id"
+    # huggingface_hub loads only to check a Hub id: hf-freeze --help imports none of it
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

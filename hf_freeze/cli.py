@@ -21,8 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from .checks import did_you_mean, model_source_problem, unknown_choice
+from .checks import did_you_mean, model_source_problem, policy_problems, unknown_choice
 from .errors import FreezePolicyError, UnsupportedModelError
+from .folder import POLICY_FILE
+from .policy import FreezePolicy
+from .tiny import tiny_config
 
 DEBUG_ENV = "HF_FREEZE_DEBUG"
 SEARCH_FREEZE = ("backbone", "half")
@@ -102,21 +105,15 @@ positive_float = _number(float, 0, inclusive=False)
 
 def freeze_value(value: str) -> str:
     """A ``--freeze`` value: its syntax and group-name shapes, checked without a model."""
-    from .policy import FreezePolicy
-
     return _policy_checked(value, lambda: FreezePolicy(freeze=value))
 
 
 def policy_string(value: str) -> str:
     """A whole policy string, checked without a model."""
-    from .policy import FreezePolicy
-
     return _policy_checked(value, lambda: FreezePolicy.from_string(value))
 
 
 def _policy_checked(value: str, build) -> str:
-    from .checks import policy_problems
-
     try:
         problems = policy_problems(build())
     except FreezePolicyError as e:
@@ -169,25 +166,25 @@ def input_errors(what: str):
 # ------------------------------------------------------------------ commands
 def _load_classifier(source: str):
     """The classifier for ``source``, on the meta device; UsageError when its config cannot be read or is no classifier."""
-    from .loading import build_classifier, load_config
-    from .tiny import image_classifier_class_names
+    # the command's modules load only when it runs: hf-freeze --help loads no torch
+    from .loading import build_classifier, image_classifier_class_names, load_config
 
     where = "its config could not be read" if Path(source).expanduser().is_dir() or source.startswith("tiny:") else \
         "it is not a local folder, and its config could not be loaded from the Hugging Face Hub"
     with input_errors(f"{source!r}: {where}"):
-        config = load_config(source)
+        config = tiny_config(source.removeprefix("tiny:")) if source.startswith("tiny:") else load_config(source)
     try:
         image_classifier_class_names(config.model_type)
     except KeyError:
         raise UsageError(f"{source!r}: model type {config.model_type!r} has no image-classification class in "
                          "transformers (AutoModelForImageClassification cannot build it)") from None
-    return build_classifier(source)
+    return build_classifier(config)
 
 
 def _inspect(args) -> int:
+    # the command's modules load only when it runs: hf-freeze --help loads no torch
     from .apply import apply_policy
     from .groups import layer_groups
-    from .policy import FreezePolicy
 
     policy = FreezePolicy.from_string(args.policy) if args.policy else FreezePolicy(freeze=args.freeze)
     model = _load_classifier(args.model)
@@ -195,6 +192,7 @@ def _inspect(args) -> int:
     if policy.adapter is None:
         report = apply_policy(model, policy)
     else:  # preview which layers get adapters (on the meta device: nothing is allocated)
+        # the command's modules load only when it runs: hf-freeze --help loads no torch
         from .adapters import add_adapter
         from .report import freeze_report
 
@@ -214,10 +212,10 @@ def _inspect(args) -> int:
 
 def _image_datasets(args, processor):
     """(train, validation) from imagefolder directories or the embedded digits task; no augmentation."""
-    import datasets
+    import datasets  # optional dependency (hf_freeze[examples]): only hf-freeze search needs it
 
     if args.demo:
-        from .demo.data import transfer_task
+        from .demo.data import transfer_task  # the demo needs datasets and scikit-learn (hf_freeze[examples])
 
         task = transfer_task(shots_per_class=args.shots, seed=args.seed, validation_per_class=args.validation_per_class)
         train, val = task["train"], task["validation"]
@@ -236,6 +234,7 @@ def _image_datasets(args, processor):
 
 
 def _search(args) -> int:
+    # the command's modules load only when it runs: hf-freeze --help loads no torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from .args import FreezeTrainingArguments
@@ -245,7 +244,7 @@ def _search(args) -> int:
 
     model_path = args.model
     if args.demo and not model_path:
-        from .demo.pretrain import pretrained_base
+        from .demo.pretrain import pretrained_base  # the demo needs datasets and scikit-learn (hf_freeze[examples])
 
         model_path = str(pretrained_base(seed=args.seed))
     with input_errors(f"--model {model_path!r}"):
@@ -269,8 +268,8 @@ def _search(args) -> int:
     result = search_freeze_policies(trainer, n_trials=args.n_trials, space=space, seed=args.seed)
     out = result.save(args.output_dir)
     print(result.to_markdown())
-    print(f"best policy: {result.best_policy.to_string()}  -> {out / 'freeze_policy.json'} "
-          f"(train with --freeze_policy_file {out / 'freeze_policy.json'})")
+    print(f"best policy: {result.best_policy.to_string()}  -> {out / POLICY_FILE} "
+          f"(train with --freeze_policy_file {out / POLICY_FILE})")
     return 0
 
 

@@ -21,21 +21,35 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig
 
-from .apply import require_state
+from .adapters import load_adapter, save_adapter
+from .apply import verify_frozen
 from .fingerprint import Fingerprint, is_sharded, named_tensors
-from .groups import unwrap_model
+from .folder import (
+    ADAPTER_BASE,
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    DELTA_MANIFEST,
+    DELTA_WEIGHTS,
+    FULL_WEIGHTS,
+    POLICY_FILE,
+    has_full_weights,
+    is_adapter,
+    is_delta,
+    record_in_config,
+    remove_weights,
+    write_policy,
+)
+from .loading import classifier_class
+from .names import unwrap_model
+from .state import require_state
 
-DELTA_WEIGHTS = "freeze_delta.safetensors"
-DELTA_MANIFEST = "freeze_delta.json"
 DELTA_FORMAT = "hf_freeze.delta"
 DELTA_VERSION = 2  # the manifest version is the fingerprint scheme of its digests (1 and 2 both load)
-FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-#: beside an adapter saved as the delta of its run: the base it applies to and the fingerprint of the base tensors
-ADAPTER_BASE = "freeze_adapter_base.json"
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
 
 
@@ -133,8 +147,6 @@ def base_reference(model: nn.Module, base_model: str | None = None, base_revisio
 
 
 def _cached_commit(repo_id: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         path = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # not a valid repo id: nothing cached
@@ -155,13 +167,8 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
     folder (``model`` must be the ``peft.PeftModel``): adapter files, ``freeze_policy.json``, the fine-tuned config
     and :func:`save_adapter_base`'s record of the base; the returned manifest lists no tensors.
     """
-    from .apply import verify_frozen
-    from .callback import CONFIG_KEY
-
     state = require_state(model)
     if state.adapter is not None:
-        from .adapters import save_adapter
-
         if not hasattr(model, "peft_config"):
             raise ValueError("this model trains a PEFT adapter: pass the peft.PeftModel to save_delta (its delta is "
                              "the adapter folder)")
@@ -169,7 +176,7 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
         save_adapter(model, output_dir)
         config = getattr(unwrap_model(model), "config", None)
         if save_config and config is not None:
-            setattr(config, CONFIG_KEY, state.policy.to_dict())
+            record_in_config(config, state.policy)
             config.save_pretrained(output_dir)
         return save_adapter_base(model, output_dir, base_model=base_model, base_revision=base_revision)
     model = unwrap_model(model)
@@ -190,10 +197,10 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
     save_file(tensors, out / DELTA_WEIGHTS, metadata={"format": "pt", "hf_freeze": DELTA_FORMAT,
                                                      "base_model": base, "fingerprint": manifest.fingerprint})
     manifest.save(out)
-    state.policy.save_pretrained(out)
+    write_policy(out, state.policy)
     config = getattr(model, "config", None)
     if save_config and config is not None:
-        setattr(config, CONFIG_KEY, state.policy.to_dict())
+        record_in_config(config, state.policy)
         config.save_pretrained(out)
     return manifest
 
@@ -208,8 +215,6 @@ def save_adapter_base(model: nn.Module, output_dir: str | os.PathLike, *, base_m
     the adapter relies on, i.e. all but the originals of the modules saved whole) and points ``adapter_config.json``
     at the same base. :func:`from_pretrained` loads the base, checks the fingerprints, then the adapter.
     """
-    from .apply import verify_frozen
-
     state = require_state(model)
     if state.adapter is None:
         raise ValueError("save_adapter_base needs a model trained with an adapter policy; use save_delta")
@@ -227,30 +232,6 @@ def save_adapter_base(model: nn.Module, output_dir: str | os.PathLike, *, base_m
     peft_config.update(base_model_name_or_path=base, revision=revision)
     config_path.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def remove_weights(folder: Path, names) -> list[str]:
-    """Delete weight files (and the shards an index lists) of one checkpoint kind from ``folder``."""
-    removed = []
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            for shard in set(json.loads(path.read_text()).get("weight_map", {}).values()):
-                (folder / shard).unlink(missing_ok=True)
-                removed.append(shard)
-        path.unlink()
-        removed.append(name)
-    return removed
-
-
-def is_delta(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / DELTA_MANIFEST).is_file()
-
-
-def is_adapter(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / ADAPTER_FILES[0]).is_file()
 
 
 # --------------------------------------------------------------------------- loading
@@ -271,6 +252,7 @@ def apply_delta(model: nn.Module, folder: str | os.PathLike, manifest: DeltaMani
         raise ValueError(f"{folder}: {DELTA_WEIGHTS} does not hold the tensors its manifest lists")
     if any(is_sharded(t) for t in model.state_dict().values()):
         # FSDP2: every rank read the full delta; torch scatters it into the local shards
+        # only a sharded model gets here: torch.distributed.checkpoint takes seconds to import
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -297,31 +279,21 @@ def from_pretrained(repo_or_dir: str | os.PathLike, *, revision: str | None = No
         return _load_delta(folder, token, base_model, base_revision, **kwargs)
     if is_adapter(folder):
         return _load_adapter(folder, token, base_model, base_revision, **kwargs)
-    if not any((folder / f).is_file() for f in FULL_WEIGHTS):
+    if not has_full_weights(folder):
         raise FileNotFoundError(f"{repo_or_dir} holds no model: expected {DELTA_MANIFEST} (hf_freeze delta), "
                                 f"{ADAPTER_FILES[0]} (PEFT adapter) or model.safetensors (full checkpoint)")
-    from transformers import AutoConfig
-
-    from .loading import classifier_class
-
     return classifier_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, **kwargs)
 
 
 def _local_folder(repo_or_dir, revision, token) -> Path:
     if os.path.isdir(repo_or_dir):
         return Path(repo_or_dir)
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(str(repo_or_dir), revision=revision, token=token,
                                   ignore_patterns=["checkpoint-*", "last-checkpoint/*", "*.png", "training_args.bin"]))
 
 
 def _load_base(folder: Path, manifest: DeltaManifest, token=None, base_model=None, base_revision=None, **kwargs):
     """(the base model a delta refers to, with the delta's config; where it was read from)."""
-    from transformers import AutoConfig
-
-    from .loading import classifier_class
-
     base = base_model or manifest.base_model
     revision = base_revision if base_model or base_revision else manifest.base_revision
     config = AutoConfig.from_pretrained(folder)
@@ -364,15 +336,9 @@ def _load_adapter(folder: Path, token, base_model=None, base_revision=None, **kw
     ``freeze_policy.json`` the adapter is loaded by :func:`hf_freeze.load_adapter` (policy applied again).
     """
     try:
-        from peft import PeftConfig, PeftModel
+        from peft import PeftConfig, PeftModel  # optional dependency: only adapter folders need it
     except ImportError as e:  # pragma: no cover - peft is an optional dependency
         raise ImportError(f"{folder} holds a PEFT adapter: pip install 'hf_freeze[peft]' to load it") from e
-    from transformers import AutoConfig
-
-    from .adapters import load_adapter
-    from .loading import classifier_class
-    from .policy import POLICY_FILE
-
     peft_config = PeftConfig.from_pretrained(folder)
     manifest = DeltaManifest.from_dict(json.loads((folder / ADAPTER_BASE).read_text())) \
         if (folder / ADAPTER_BASE).is_file() else None
@@ -381,7 +347,7 @@ def _load_adapter(folder: Path, token, base_model=None, base_revision=None, **kw
         (manifest.base_revision if manifest else peft_config.revision)
     if manifest is not None:
         kwargs.setdefault("dtype", getattr(torch, manifest.dtype.split(",")[0], None))
-    config = AutoConfig.from_pretrained(folder if (folder / "config.json").is_file() else base)
+    config = AutoConfig.from_pretrained(folder if (folder / CONFIG_FILE).is_file() else base)
     model = classifier_class(config).from_pretrained(base, config=config, revision=revision, token=token,
                                                      ignore_mismatched_sizes=True, **kwargs)
     if manifest is not None:

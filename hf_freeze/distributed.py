@@ -32,7 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate.state import AcceleratorState
+from accelerate.utils import FullyShardedDataParallelPlugin
+from transformers import PreTrainedModel
+
 from .errors import FreezePolicyError
+from .fingerprint import meta_tensors, refuse_meta
+from .groups import layer_groups
+from .names import named_base_parameters, unwrap_model
+from .plan import resolve
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,6 @@ class Backend:
 
 def _accelerator_state():
     """accelerate's AcceleratorState if an Accelerator exists in this process, else None (never creates one)."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:  # pragma: no cover - accelerate comes with the Trainer
-        return None
     return AcceleratorState() if AcceleratorState._shared_state else None
 
 
@@ -74,10 +78,6 @@ def _reentrant(args) -> bool:
 
 def ddp_options(args, model) -> tuple[bool, bool]:
     """(find_unused_parameters, static_graph) the Trainer gives DDP (``Trainer._build_accelerator_args``)."""
-    from transformers import PreTrainedModel
-
-    from .groups import unwrap_model
-
     explicit = getattr(args, "ddp_find_unused_parameters", None)
     if explicit is not None:
         find_unused = bool(explicit)
@@ -111,8 +111,6 @@ def effective_backend(args=None, model=None, state=None) -> Backend:
         world = int(getattr(args, "world_size", 1) or 1)
         plugin_args = getattr(args, "fsdp_plugin_args", None)
         if plugin_args is not None and world > 1:
-            from accelerate.utils import FullyShardedDataParallelPlugin
-
             fsdp = FullyShardedDataParallelPlugin(**plugin_args)
         else:
             fsdp = None
@@ -202,9 +200,6 @@ def _low_precision_later(model, policy) -> list[str]:
     """Parameters of groups the schedule unfreezes that are not float32."""
     if model is None:
         return []
-    from .groups import layer_groups, named_base_parameters
-    from .policy import resolve
-
     groups = layer_groups(model)
     later = {n for e in resolve(policy, groups).events for g in e.groups for n in groups[g].param_names}
     return sorted(n for n, p in named_base_parameters(model) if n in later and p.is_floating_point()
@@ -220,8 +215,6 @@ def check_model_data(model, policy, args=None) -> None:
 
 def _check_verifiable(model, backend: Backend) -> None:
     """Frozen tensors on the meta device cannot be verified (offloaded by device_map, or never loaded)."""
-    from .fingerprint import meta_tensors, refuse_meta
-
     if backend.kind == "fsdp" and backend.cpu_ram_efficient_loading:
         return  # ranks > 0 hold meta weights until accelerate loads rank 0's; verification compares with rank 0's
     refuse_meta(meta_tensors(model), "train with verification of")

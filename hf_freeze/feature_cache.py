@@ -51,13 +51,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
-from .apply import get_state
+from .checks import unknown_choice
 from .errors import FreezePolicyError
-from .fingerprint import tensor_digest
-from .groups import peft_wrappers, unwrap_model
+from .fingerprint import combined, digests, tensor_digest
+from .names import peft_wrappers, unwrap_model
+from .state import get_state
 
 logger = logging.getLogger(__name__)
 INDEX_KEY = "_hf_freeze_index"
@@ -98,8 +102,6 @@ def backbone_module(model: nn.Module) -> tuple[str, nn.Module] | None:
 def resolve_mode(explicit: str | None, args) -> str:
     mode = explicit or getattr(args, "feature_cache", None) or "auto"
     if mode not in MODES:
-        from .checks import unknown_choice
-
         raise FreezePolicyError(unknown_choice("feature_cache", mode, MODES))
     return mode
 
@@ -579,19 +581,13 @@ def _remember(cache: FeatureCache) -> None:
 def model_key(inner: nn.Module, plan: Plan, device: torch.device, size: int) -> str:
     """Digest of everything but the data that determines the cached features, taken now."""
     backbone = getattr(inner, plan.backbone)
-    h = hashlib.blake2b(digest_size=16)
-    for part in (FORMAT, f"{type(inner).__module__}.{type(inner).__qualname__}", plan.backbone, torch.__version__,
-                 device.type, plan.autocast, size, ",".join(plan.fields), _config_digest(inner)):
-        h.update(f"{part};".encode())
-    for n, t in sorted((*backbone.named_parameters(), *backbone.named_buffers()), key=lambda x: x[0]):
-        h.update(f"{n}={tensor_digest(t)};".encode())
-    return h.hexdigest()
+    return combined(digests(dict((*backbone.named_parameters(), *backbone.named_buffers()))),
+                    FORMAT, f"{type(inner).__module__}.{type(inner).__qualname__}", plan.backbone, torch.__version__,
+                    device.type, plan.autocast, size, ",".join(plan.fields), _config_digest(inner))
 
 
 def _data_pass(model, backbone, plan: Plan, size: int, fetch, prepare, *, compute: bool, progress: bool):
     """One pass over the data in batches of ``size``: the data digest, and (``compute``) the features and labels."""
-    from tqdm.auto import tqdm
-
     h = hashlib.blake2b(digest_size=16)
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in plan.fields}
     labels = []
@@ -654,8 +650,6 @@ def clean_stale_temps(folder: Path) -> list[Path]:
 
 def save(cache: FeatureCache, path: Path) -> None:
     """Write ``cache`` atomically: a temporary file renamed into place, deleted if anything fails."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
     tensors = {f"field.{k}": v.detach().contiguous().cpu() for k, v in cache.fields.items()}
@@ -665,7 +659,7 @@ def save(cache: FeatureCache, path: Path) -> None:
             "checksums": json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)}
     tmp = _temp_name(path)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -676,8 +670,6 @@ def load(path: Path, key: str, device) -> FeatureCache | None:
     """The cache stored at ``path`` on ``device``; None (with a warning) if it is absent, unreadable or fails its checksums."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     problem = None
     try:
         with safe_open(str(path), framework="pt") as f:

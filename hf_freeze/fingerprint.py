@@ -44,9 +44,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+try:  # a torch built without distributed support has no DTensor: nothing can be sharded then
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover
+    DTensor = None
+
 from .errors import FreezePolicyError
+from .names import BASE, ModelNames, peft_wrappers, split_peft_name, unwrap_model
 
 LEAF_BYTES = 16 * 1024
 SCHEME = 2
@@ -83,9 +91,7 @@ def _meta_digest(t: torch.Tensor) -> str:
 
 
 def is_sharded(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -125,9 +131,6 @@ def digests(tensors: Mapping[str, torch.Tensor], scheme: int = SCHEME) -> dict[s
 
 def _piece(t) -> tuple[tuple, int, memoryview] | None:
     """(replica key, byte offset, bytes) of this rank's shard of ``t``; None if it is not one contiguous range."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     mesh, placements = t.device_mesh, t.placements
     if not all(isinstance(p, Replicate) or type(p) is Shard and p.dim == 0 for p in placements):
         return None
@@ -184,8 +187,6 @@ def _sharded_digests(sharded: Mapping[str, torch.Tensor], local_verdict) -> tupl
     ``local_verdict(digests)`` runs on every rank once the digests are known and returns names (e.g. the
     plain tensors that changed on that rank); the union comes back on every rank. Two collectives.
     """
-    import torch.distributed as dist
-
     names = sorted(sharded)
     pieces, fallback = {}, {}
     for n in names:  # same order on every rank: full_tensor() is a collective
@@ -212,18 +213,26 @@ def _sharded_digests(sharded: Mapping[str, torch.Tensor], local_verdict) -> tupl
     return found, sorted({n for v in verdicts for n in v})
 
 
-# --------------------------------------------------------------------------- models
-def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name; inside a PEFT-wrapped model, the pretrained ones under their unwrapped names."""
-    from .groups import named_base_tensors
+def combined(named: Mapping[str, str], *parts: object) -> str:
+    """One BLAKE2b-128 over ``parts`` and the named digests in name order: what a set of tensors (and whatever else
+    ``parts`` say they depend on) is identified by, e.g. :meth:`Fingerprint.combined` or a feature-cache key."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(f"{part};".encode())
+    for n in sorted(named):
+        h.update(f"{n}={named[n]};".encode())
+    return h.hexdigest()
 
-    return named_base_tensors(model)
+
+# --------------------------------------------------------------------------- models
+def named_tensors(model: nn.Module, names: ModelNames | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name; inside a PEFT-wrapped model, the pretrained ones under their unwrapped names
+    (``names``: the model's, if known)."""
+    return (names or ModelNames.of(model)).base_tensors(model)
 
 
 def base_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """``state_dict`` (of ``model`` or of a PEFT/compile wrapper around it) keyed by the names of :func:`named_tensors`."""
-    from .groups import peft_wrappers, split_peft_name, unwrap_model
-
     inner = unwrap_model(model)
     wrappers = peft_wrappers(inner)
     own = set(inner.state_dict())
@@ -232,7 +241,7 @@ def base_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) ->
         for prefix in ("", "base_model.model.", "_orig_mod.", "module."):
             if key.startswith(prefix) and key[len(prefix):] in own:
                 name, role = split_peft_name(key[len(prefix):], wrappers)
-                if role == "base":
+                if role == BASE:
                     out[name] = t
                 break
     return out
@@ -313,8 +322,6 @@ class Fingerprint:
         sharded = {n: tensors[n] for n in self.digests if n in tensors and is_sharded(tensors[n])}
         reference = self.digests
         if sharded and self.scheme != 1:
-            import torch.distributed as dist
-
             # rank 0's reference: with accelerate's cpu_ram_efficient_loading only rank 0 held real weights at apply
             box = [dict(self.digests)] if dist.get_rank() == 0 else [None]
             dist.broadcast_object_list(box, src=0)
@@ -347,10 +354,7 @@ class Fingerprint:
 
     def combined(self) -> str:
         """One digest over all tensors (order-independent of insertion), for model cards and delta checkpoints."""
-        h = hashlib.blake2b(digest_size=16)
-        for n in sorted(self.digests):
-            h.update(f"{n}={self.digests[n]};".encode())
-        return h.hexdigest()
+        return combined(self.digests)
 
     def __len__(self) -> int:
         return len(self.digests)

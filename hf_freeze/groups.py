@@ -2,21 +2,23 @@
 
 Small pure functions over names, in the spirit of timm's ``_manipulate.py``. Architecture
 knowledge lives in :mod:`hf_freeze.architectures`; timm models use timm's own ``group_matcher``;
-anything else goes through :func:`discover_layout` (and says so).
+anything else goes through :func:`discover_layout` (and says so). Names are those of
+:mod:`hf_freeze.names` (pretrained tensors under their unwrapped names, PEFT or not).
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
+from ._compat import moved_names
 from ._logging import get_logger
 from .architectures import ARCHITECTURES, TIMM_MODEL_TYPE, Layout
 from .errors import UnsupportedModelError
+from .names import BASE, ModelNames, unwrap_model
 
 logger = get_logger(__name__)
 
@@ -59,146 +61,6 @@ class LayerGroups(list):
         return {n: g.name for g in self for n in (*g.param_names, *g.buffer_names)}
 
 
-# --------------------------------------------------------------------------- model plumbing
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The classifier inside DDP/FSDP/``torch.compile``/accelerate/PEFT wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, FSDP1, DataParallel
-            model = model.module
-        elif (inner := _peft_inner(model)) is not None:  # PeftModel -> LoraModel -> classifier
-            model = inner
-    return model
-
-
-def _peft_inner(model: nn.Module) -> nn.Module | None:
-    if "peft" not in sys.modules:  # no PEFT object can exist before peft is imported
-        return None
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, PeftModel):
-        return model.base_model
-    if isinstance(model, BaseTuner):
-        return model.model
-    return None
-
-
-# --------------------------------------------------------------------------- names inside a PEFT-wrapped model
-#
-# PEFT edits the classifier in place: an adapted layer ``P`` becomes a tuner layer whose pretrained
-# module is ``P.base_layer`` (adapter tensors beside it, e.g. ``P.lora_A.default.weight``); a module
-# in ``modules_to_save`` becomes a wrapper holding the pretrained module as ``P.original_module`` and
-# the trained copy as ``P.modules_to_save.<adapter>``. hf_freeze names every pretrained ("base")
-# tensor and module as in the unwrapped model, so groups, fingerprints and policies do not change.
-# The helpers below unwrap first: names are relative to the classifier.
-
-BASE, ADAPTER, COPY = "base", "adapter", "copy"
-_TUNER, _SAVED = "tuner", "saved"
-
-
-def peft_wrappers(model: nn.Module) -> dict[str, str]:
-    """Real paths of PEFT tuner layers (``"tuner"``) and ``modules_to_save`` wrappers (``"saved"``) in ``model``."""
-    if "peft" not in sys.modules:
-        return {}
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, ModulesToSaveWrapper):
-            out[name] = _SAVED
-        elif isinstance(m, BaseTunerLayer) and isinstance(getattr(m, "base_layer", None), nn.Module):
-            out[name] = _TUNER
-    return out
-
-
-def split_peft_name(name: str, wrappers: dict[str, str]) -> tuple[str, str]:
-    """``(base name, role)`` of a tensor or module name inside a PEFT-wrapped model.
-
-    role ``"base"``: a pretrained tensor, named as in the unwrapped model; ``"copy"``: the trained copy
-    (``modules_to_save``) of the base tensor named; ``"adapter"``: an adapter tensor, the base name
-    being the path of the layer it adapts.
-    """
-    if not wrappers:
-        return name, BASE
-    parts, real, out, role, i = name.split("."), [], [], BASE, 0
-    while i < len(parts):
-        real.append(parts[i])
-        out.append(parts[i])
-        i += 1
-        kind = wrappers.get(".".join(real))
-        if kind is None or i == len(parts):
-            continue
-        if kind == _TUNER:
-            if parts[i] != "base_layer":
-                return ".".join(out), ADAPTER
-            real.append(parts[i])
-            i += 1
-        elif parts[i] == "original_module":
-            real.append(parts[i])
-            i += 1
-        elif parts[i] == "modules_to_save":
-            real += parts[i:i + 2]
-            i += 2
-            role = COPY
-    return ".".join(out), role
-
-
-def named_base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The pretrained parameters, under their unwrapped names (``named_parameters`` without PEFT)."""
-    model = unwrap_model(model)
-    wrappers = peft_wrappers(model)
-    out = []
-    for real, p in model.named_parameters():
-        name, role = split_peft_name(real, wrappers)
-        if role == BASE:
-            out.append((name, p))
-    return out
-
-
-def named_base_tensors(model: nn.Module) -> dict:
-    """Pretrained parameters and buffers by unwrapped name."""
-    model = unwrap_model(model)
-    wrappers = peft_wrappers(model)
-    out = {}
-    for real, t in (*model.named_parameters(), *model.named_buffers()):
-        name, role = split_peft_name(real, wrappers)
-        if role == BASE:
-            out[name] = t
-    return out
-
-
-def named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The pretrained modules under their unwrapped names (a PEFT wrapper is replaced by the module it wraps)."""
-    model = unwrap_model(model)
-    wrappers = peft_wrappers(model)
-    out = []
-    for real, m in model.named_modules():
-        if real in wrappers:
-            continue
-        name, role = split_peft_name(real, wrappers)
-        if role == BASE:
-            out.append((name, m))
-    return out
-
-
-def named_peft_parameters(model: nn.Module) -> list[tuple[str, str, str, nn.Parameter]]:
-    """``(real name, base name, role, parameter)`` of every adapter parameter and trained copy."""
-    model = unwrap_model(model)
-    wrappers = peft_wrappers(model)
-    out = []
-    for real, p in model.named_parameters():
-        name, role = split_peft_name(real, wrappers)
-        if role != BASE:
-            out.append((real, name, role, p))
-    return out
-
-
 def model_type_of(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) or type(model).__name__
@@ -207,20 +69,10 @@ def model_type_of(model: nn.Module) -> str:
 def ordered_tensor_names(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
     """(all names in registration order, parameter names, buffer names); shared tensors once; PEFT adapter
     tensors left out, pretrained tensors under their unwrapped names."""
-    order, params, buffers, seen = [], [], [], set()
-    wrappers = peft_wrappers(model)
-    for mod_name, module in model.named_modules():
-        for kind, table in (("p", module._parameters), ("b", module._buffers)):
-            for name, tensor in table.items():
-                if tensor is None or id(tensor) in seen:
-                    continue
-                seen.add(id(tensor))
-                full, role = split_peft_name(f"{mod_name}.{name}" if mod_name else name, wrappers)
-                if role != BASE:
-                    continue
-                order.append(full)
-                (params if kind == "p" else buffers).append(full)
-    return order, params, buffers
+    names = ModelNames.of(model)
+    params = {base for base, role in names.params.values() if role == BASE}
+    order = list(names.order)
+    return order, [n for n in order if n in params], [n for n in order if n not in params]
 
 
 # --------------------------------------------------------------------------- naming rules
@@ -326,7 +178,7 @@ def discover_layout(model: nn.Module) -> Layout:
 
 def _timm_keys(model: nn.Module, order: list[str]) -> list[str | int]:
     """Keys for TimmWrapperForImageClassification from timm's ``group_matcher(coarse=True)``."""
-    from timm.models._manipulate import group_with_matcher
+    from timm.models._manipulate import group_with_matcher  # optional dependency: only timm models get here
 
     timm_model = model.timm_model
     matcher = timm_model.group_matcher(coarse=True)
@@ -367,8 +219,9 @@ def layer_groups(model: nn.Module) -> LayerGroups:
     """Split ``model`` into ordered layer groups; every parameter lands in exactly one group."""
     model = unwrap_model(model)
     model_type = model_type_of(model)
-    order, params, _ = ordered_tensor_names(model)
-    sizes = {n: p.numel() for n, p in named_base_parameters(model)}
+    names = ModelNames.of(model)
+    order = list(names.order)
+    sizes = {n: p.numel() for n, p in names.base_parameters(model)}
     if model_type == TIMM_MODEL_TYPE and hasattr(model, "timm_model"):
         keys, source, issue = _timm_keys(model, order), "timm group_matcher", None
     else:
@@ -384,3 +237,8 @@ def layer_groups(model: nn.Module) -> LayerGroups:
             f"known heads are listed in hf_freeze.architectures.ARCHITECTURES")
     return LayerGroups(groups, model_type, source, issue)
 
+
+
+__getattr__ = moved_names(__name__, dict.fromkeys(
+    ("peft_wrappers", "split_peft_name", "named_base_parameters", "named_base_tensors", "named_base_modules",
+     "named_peft_parameters", "ADAPTER", "COPY"), "names"))

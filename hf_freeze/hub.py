@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from pathlib import Path
 
-from .delta import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS, FULL_WEIGHTS
+from huggingface_hub import HfApi
+
+from .folder import checkpoint_kind
 
 #: what the Trainer leaves out of its uploads too (private files, checkpoints)
 IGNORE_PATTERNS = ["_*", "checkpoint-*", "checkpoint-*/*"]
@@ -44,20 +45,6 @@ def explain_push_failure(repo_id: str | Callable[[], str], folder: str | os.Path
         raise PushFailed(repo_id() if callable(repo_id) else repo_id, folder, e) from e
 
 
-def checkpoint_kind(folder: str | os.PathLike) -> str:
-    """``"delta"``, ``"adapter"`` or ``"full"``; FileNotFoundError naming the expected files otherwise."""
-    f = Path(folder)
-    if (f / DELTA_MANIFEST).is_file() and (f / DELTA_WEIGHTS).is_file():
-        return "delta"
-    if all((f / name).is_file() for name in ADAPTER_FILES):
-        return "adapter"
-    if any((f / name).is_file() for name in FULL_WEIGHTS) and (f / "config.json").is_file():
-        return "full"
-    raise FileNotFoundError(
-        f"{folder} is not a complete model folder: expected config.json + model.safetensors (full), "
-        f"{DELTA_MANIFEST} + {DELTA_WEIGHTS} (hf_freeze delta) or {' + '.join(ADAPTER_FILES)} (PEFT adapter)")
-
-
 def push_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str = "Upload model with hf_freeze",
                 token: str | None = None, revision: str | None = None, private: bool | None = None,
                 create_pr: bool = False):
@@ -66,8 +53,6 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str 
     The folder is checked to hold a complete checkpoint before anything is sent. Files the Trainer never uploads
     (``_*``, ``checkpoint-*``) are skipped. Errors raise :class:`PushFailed`.
     """
-    from huggingface_hub import HfApi
-
     kind = checkpoint_kind(folder)
     api = HfApi(token=token)  # created per call: it copies the endpoint configured at this moment
     created = {}

@@ -30,7 +30,7 @@ TOP_K_ACCURACY = str(_MODULES / "top_k_accuracy")
 @functools.cache
 def load(path: str):
     """``evaluate.load(path, keep_in_memory=True)``, once per process (no cache files: safe with several processes)."""
-    import evaluate
+    import evaluate  # optional dependency (hf_freeze[examples]): only the metrics need it
 
     return evaluate.load(path, keep_in_memory=True)
 

@@ -18,13 +18,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
+from transformers.modelcard import make_markdown_table, parse_log_history
 
-from .apply import changed_frozen_tensors, get_state
-from .groups import unwrap_model
+from . import __version__
+from .apply import changed_frozen_tensors
+from .delta import DeltaManifest, base_reference
+from .folder import ADAPTER_FILES, CARD_FILE, DELTA_WEIGHTS, FULL_WEIGHTS, PLOT_FILE, checkpoint_kind, is_delta
+from .names import unwrap_model
+from .report import freeze_report
+from .state import get_state
 
 TEMPLATES = Path(__file__).parent / "model_cards"
-PLOT_FILE = "training_curves.png"
 LIBRARY = {"full": "transformers", "delta": "hf_freeze", "adapter": "peft"}
 RELATION = {"full": "finetune", "delta": "finetune", "adapter": "adapter"}
 _NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step", "loss"}
@@ -68,8 +74,6 @@ def eval_metrics(log_history: list[dict]) -> dict[str, float]:
 
 def eval_results(metrics: dict[str, float], dataset: str | None, dataset_name: str | None):
     """``huggingface_hub.EvalResult`` entries for the ``model-index`` (loss only when nothing else was measured)."""
-    from huggingface_hub import EvalResult
-
     chosen = {k: v for k, v in metrics.items() if k != "loss" and isinstance(v, (int, float))} or \
         {k: v for k, v in metrics.items() if k == "loss"}
     dataset_type = dataset or "custom"
@@ -145,8 +149,6 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
 
 def base_of(model: nn.Module, config: CardConfig, folder: Path) -> tuple[str | None, str | None]:
     """(base model, revision): the config's, else the delta manifest's, else where the model was loaded from."""
-    from .delta import DeltaManifest, base_reference, is_delta
-
     if config.base_model:
         return config.base_model, config.base_revision
     if is_delta(folder):
@@ -163,8 +165,6 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def checkpoint_kind_of(folder: Path) -> str:
-    from .hub import checkpoint_kind
-
     try:
         return checkpoint_kind(folder)
     except FileNotFoundError:
@@ -193,7 +193,7 @@ def training_plot(log_history: list[dict], events: list[dict], path: str | os.Pa
     if not series["train_loss"] and not series["eval_loss"]:
         return None
     try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+        from matplotlib.figure import Figure  # optional dependency; no pyplot: no global backend or figure state
     except ImportError:
         return None
     metrics = series["metrics"]
@@ -224,8 +224,6 @@ def training_plot(log_history: list[dict], events: list[dict], path: str | os.Pa
 
 def results_table(log_history: list[dict]) -> str:
     """The Trainer's own "Training results" table (``transformers.modelcard``), freeze metrics left out."""
-    from transformers.modelcard import make_markdown_table, parse_log_history
-
     clean = [{k: v for k, v in h.items() if not k.startswith("freeze/")} for h in log_history or []]
     _, lines, _ = parse_log_history(clean)
     return make_markdown_table(lines) if lines else ""
@@ -240,14 +238,12 @@ def _template_text(name: str) -> str:
 
 
 def _checkpoint_description(kind: str, folder: Path) -> str:
-    from .delta import DELTA_WEIGHTS
-
     if kind == "delta":
         return f"a delta checkpoint: only the trained tensors (`{DELTA_WEIGHTS}`, {_size(folder / DELTA_WEIGHTS)})"
     if kind == "adapter":
-        return f"a PEFT adapter (`adapter_model.safetensors`, {_size(folder / 'adapter_model.safetensors')})"
-    weights = folder / "model.safetensors"
-    return f"the full model (`model.safetensors`{', ' + _size(weights) if weights.is_file() else ''})"
+        return f"a PEFT adapter (`{ADAPTER_FILES[1]}`, {_size(folder / ADAPTER_FILES[1])})"
+    weights = folder / FULL_WEIGHTS[0]
+    return f"the full model (`{FULL_WEIGHTS[0]}`{', ' + _size(weights) if weights.is_file() else ''})"
 
 
 def _size(path: Path) -> str:
@@ -267,10 +263,6 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
     ``after_saved``: (step, unfreeze events) when the weights are an earlier checkpoint than the end of training
     (``load_best_model_at_end``): those events fired after it; the card lists them apart, not as part of the weights.
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
-
     config = config or CardConfig()
     model = unwrap_model(model)
     folder = Path(folder) if folder is not None else Path(".")
@@ -300,8 +292,6 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
         waiting = [e for e in state.plan.events[state.events_done:]
                    if not set(e.groups) <= set(state.unfrozen) and not set(e.groups) <= after]
         pending = ", ".join(f"{', '.join(e.groups)} at {e.when}" for e in waiting)
-    from .report import freeze_report
-
     report = freeze_report(model) if state is not None else None
     variables = dict(
         model_name=name, repo_id=config.repo_id or name, kind=kind, version=__version__,
@@ -318,7 +308,7 @@ def render_model_card(model: nn.Module, config: CardConfig | None = None, *, fol
         saved_step=after_saved[0] if after_saved else None,
         after_saved="; ".join(f"{', '.join(e['groups'])} at step {e['step']} ({e['when']})" for e in later),
         results_table=results_table(log_history or []), hyperparameters=hyperparameters or {},
-        has_processor=(folder / "preprocessor_config.json").is_file(), fingerprint=preserved.get("fingerprint", ""), delta_size=_size(folder / "freeze_delta.safetensors"))
+        has_processor=(folder / "preprocessor_config.json").is_file(), fingerprint=preserved.get("fingerprint", ""), delta_size=_size(folder / DELTA_WEIGHTS))
     return ModelCard.from_template(data, template_str=_template_text(config.template), **variables)
 
 
@@ -344,5 +334,5 @@ def write_model_card(model: nn.Module, output_dir: str | os.PathLike, config: Ca
     card = render_model_card(model, config, folder=out, log_history=log_history, events_log=events_log,
                              hyperparameters=hyperparameters, plot_file=plot.name if plot else None,
                              after_saved=after_saved)
-    card.save(out / "README.md")
+    card.save(out / CARD_FILE)
     return card

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from transformers.trainer_pt_utils import get_parameter_names
+
+from .adapter_plan import adapter_params_by_group
 
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _NormBase)
@@ -18,8 +21,6 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _NormBase)
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names that get weight decay: not biases, not any normalisation layer (BatchNorm included, by type)."""
-    from transformers.trainer_pt_utils import get_parameter_names
-
     return set(get_parameter_names(model, list(NORM_TYPES), NO_DECAY_PATTERNS))
 
 
@@ -53,8 +54,7 @@ def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: f
 def _members(model: nn.Module, state) -> dict[str, list[str]]:
     """Per layer group, the names of the parameters that train now or later (adapter weights, with an adapter)."""
     if state.adapter is not None:
-        from .adapters import adapter_params_by_group
-
-        return {g: [n for n, p in ps if p.requires_grad] for g, ps in adapter_params_by_group(model, state.groups).items()}
+        by_group = adapter_params_by_group(model, state.groups, state.names_of(model))
+        return {g: [n for n, p in ps if p.requires_grad] for g, ps in by_group.items()}
     keep = ever_trainable(state)
     return {g.name: [n for n in g.param_names if n in keep] for g in state.groups}

@@ -1,59 +1,36 @@
 """``FreezePolicy``: what to freeze, when to unfreeze, how BatchNorm and learning rates behave.
 
 A policy is plain data (JSON round-trip, ``freeze_policy.json``, a compact string for command-line
-flags). It is checked against a model's layer groups by :func:`resolve`, which returns a
-:class:`FreezePlan` or raises :class:`FreezePolicyError` without touching anything.
+flags). It is checked against a model's layer groups by :func:`hf_freeze.plan.resolve`, which returns a
+:class:`~hf_freeze.plan.FreezePlan` or raises :class:`FreezePolicyError` without touching anything.
+Each field is declared once (:mod:`hf_freeze._fields`): its help says what it means, its syntax how it is
+written; ``to_dict``, the string form, the checks and :class:`~hf_freeze.FreezeArguments`' flags follow.
 
-Compact string form (fields separated by ``;``; a bare value is the ``freeze`` field)::
+Compact string form (``key=value`` fields separated by ``;``, the fields at their default left out; a bare
+value is the ``freeze`` field)::
 
     backbone
     freeze=stem:stage.2;train_bn=false
     freeze=backbone;unfreeze=epoch2:1@0.1,epoch4:2@0.01;layer_lr_decay=0.8
     freeze=*.normalization.*,stem;unfreeze=step100:stage.3+neck
     freeze=backbone;adapter=lora,r=8,alpha=16,groups=stage.2+stage.3
-
-``freeze``:   ``backbone`` | ``none`` | ``N`` (the first N groups) | comma-separated selectors:
-              a group name (``stage.3``), an inclusive range (``stem:stage.2``) or a parameter-name
-              glob (``*.bn*``, ``vit.layers.0.*``).
-``train_bn``: ``true`` lets every BatchNorm layer update its statistics: in frozen groups, and in groups
-              after the schedule unfreezes them (never locked; their statistics are not fingerprinted).
-``unfreeze_bn``: with ``train_bn=false``, ``true`` lets the BatchNorm layers of unfrozen groups use batch
-              statistics again (default ``false``: they stay in inference mode, statistics kept and verified;
-              their affine weights still train).
-``unfreeze``: comma-separated events ``epochE:GROUPS[@LR_SCALE]`` or ``stepS:GROUPS[@LR_SCALE]``;
-              GROUPS is a number (the next N frozen groups nearest the head) or names joined by ``+``.
-              Events fire when each is due, and are resolved in that order (step and epoch events may be
-              mixed; see :func:`resolve` and :class:`Timing`).
-``adapter``:  ``METHOD[,key=value...]``: train PEFT adapters on frozen groups instead of unfreezing them
-              (see :mod:`hf_freeze.adapters`; no unfreeze schedule with an adapter).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .adapters import AdapterConfig
-from .checks import FREEZE_KEYWORDS, group_hint
+from . import _fields, folder
+from ._compat import moved_names
+from ._fields import BOOL, Syntax, declare, is_int, is_number, keyword_count_or_names, num
+from .adapter_config import AdapterConfig
 from .errors import FreezePolicyError
 
-POLICY_FILE = "freeze_policy.json"
 POLICY_VERSION = 1
-_GLOB_CHARS = set("*?[")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -76,16 +53,16 @@ class Unfreeze:
         problems = []
         if (self.at_epoch is None) == (self.at_step is None):
             problems.append("give exactly one of at_epoch or at_step")
-        if self.at_epoch is not None and not (_is_number(self.at_epoch) and self.at_epoch > 0):
+        if self.at_epoch is not None and not (is_number(self.at_epoch) and self.at_epoch > 0):
             problems.append(f"at_epoch must be a number > 0, got {self.at_epoch!r}")
-        if self.at_step is not None and not (_is_int(self.at_step) and self.at_step > 0):
+        if self.at_step is not None and not (is_int(self.at_step) and self.at_step > 0):
             problems.append(f"at_step must be an integer > 0, got {self.at_step!r}")
-        if _is_int(self.groups):
+        if is_int(self.groups):
             if self.groups < 1:
                 problems.append(f"groups must be >= 1, got {self.groups}")
         elif not (isinstance(self.groups, list) and self.groups and all(isinstance(g, str) and g for g in self.groups)):
             problems.append(f"groups must be an int >= 1 or a non-empty list of group names, got {self.groups!r}")
-        if not (_is_number(self.lr_scale) and self.lr_scale > 0):
+        if not (is_number(self.lr_scale) and self.lr_scale > 0):
             problems.append(f"lr_scale must be a finite number > 0, got {self.lr_scale!r}")
         if problems:
             raise FreezePolicyError(f"invalid Unfreeze({self._when()}): " + "; ".join(problems))
@@ -94,12 +71,12 @@ class Unfreeze:
         return f"at_epoch={self.at_epoch!r}" if self.at_epoch is not None else f"at_step={self.at_step!r}"
 
     def to_dict(self) -> dict:
-        return {"at_epoch": self.at_epoch, "at_step": self.at_step, "groups": self.groups, "lr_scale": self.lr_scale}
+        return dict(vars(self))
 
     def to_string(self) -> str:
-        when = f"epoch{_num(self.at_epoch)}" if self.at_epoch is not None else f"step{self.at_step}"
-        groups = str(self.groups) if _is_int(self.groups) else "+".join(self.groups)
-        return f"{when}:{groups}" + (f"@{_num(self.lr_scale)}" if self.lr_scale != 1.0 else "")
+        when = f"epoch{num(self.at_epoch)}" if self.at_epoch is not None else f"step{self.at_step}"
+        groups = str(self.groups) if is_int(self.groups) else "+".join(self.groups)
+        return f"{when}:{groups}" + (f"@{num(self.lr_scale)}" if self.lr_scale != 1.0 else "")
 
     @classmethod
     def from_string(cls, text: str) -> Unfreeze:
@@ -119,93 +96,113 @@ class Unfreeze:
         return cls(groups=group_value, lr_scale=lr, **kwargs)
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
+# --------------------------------------------------------------------------- how each field is written
+FREEZE = keyword_count_or_names(
+    ("backbone", "none"), ",", 0, count="the number of groups to freeze",
+    names="a list of freeze selectors must be non-empty strings (group names, ranges like 'stem:stage.2', or parameter "
+          "globs)",
+    expected="'backbone', 'none', an int N (the first N groups) or a list of group names, ranges ('stem:stage.2') and "
+             "parameter-name globs ('*.bn*')")
+
+
+def _coerce_events(value) -> list[Unfreeze]:
+    if isinstance(value, (Unfreeze, dict)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise FreezePolicyError(f"unfreeze must be a list of Unfreeze events, got {value!r}")
+    events = []
+    for u in value:
+        if isinstance(u, dict):
+            u = _fields.from_fields(Unfreeze, u, "unfreeze event")
+        elif isinstance(u, str):
+            u = Unfreeze.from_string(u)
+        if not isinstance(u, Unfreeze):
+            raise FreezePolicyError(f"unfreeze events must be Unfreeze objects, dicts or strings, got {u!r}")
+        events.append(u)
+    return events
+
+
+def _events_problem(key: str, events: list[Unfreeze]) -> str | None:
+    for unit in ("at_epoch", "at_step"):
+        times = [getattr(u, unit) for u in events if getattr(u, unit) is not None]
+        if any(b <= a for a, b in zip(times, times[1:])):
+            return f"unfreeze events must be listed in time order ({unit} values {times} are not increasing)"
+    return None
+
+
+EVENTS = Syntax(lambda key, text: [Unfreeze.from_string(v) for v in text.split(",") if v.strip()],
+                show=lambda events: ",".join(u.to_string() for u in events), problem=_events_problem,
+                coerce=_coerce_events, to_json=lambda events: [u.to_dict() for u in events])
+
+
+def _parse_decay(key: str, text: str) -> float | None:
+    if text.lower() in ("none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected a number in (0, 1]") from None
+
+
+def _decay_problem(key: str, d) -> str | None:
+    if d is not None and not (is_number(d) and 0 < d <= 1):
+        return f"{key} must be in (0, 1] (1 = no decay) or None, got {d!r}"
+    return None
+
+
+DECAY = Syntax(_parse_decay, show=num, problem=_decay_problem, flag_type=float)
+ADAPTER = Syntax(lambda key, text: None if text.lower() in ("none", "") else AdapterConfig.from_string(text),
+                 show=lambda a: a.to_string(), coerce=AdapterConfig.coerce, to_json=lambda a: a.to_dict())
 
 
 @dataclass
 class FreezePolicy:
     """A declarative freeze policy; see the module docstring for the string form."""
 
-    freeze: str | int | list[str] = "backbone"
-    #: BatchNorm statistics. False (default): a BatchNorm layer stays in inference mode (statistics kept,
-    #: fingerprinted, verified) while its group is frozen, and after its group is unfrozen unless ``unfreeze_bn``.
-    #: True: every BatchNorm layer updates its statistics, frozen group or not, before and after an unfreeze; none
-    #: is locked, so ``unfreeze_bn`` changes nothing, and those statistics are never claimed frozen or verified.
-    #: (Groups that train from the start always use batch statistics.)
-    train_bn: bool = False
-    unfreeze: list[Unfreeze] = field(default_factory=list)
-    layer_lr_decay: float | None = None
-    verify: bool = True
-    #: when a group is unfrozen, may its BatchNorm layers switch to batch statistics? False (default, as Keras
-    #: advises for fine-tuning): they stay in inference mode, their affine weights train, their statistics are kept
-    #: (and verified). Only matters with ``train_bn=False``
-    unfreeze_bn: bool = False
-    #: PEFT adapter trained on frozen groups (AdapterConfig, dict, adapter string or peft config); None: no adapter
-    adapter: AdapterConfig | None = None
+    freeze: str | int | list[str] = declare("backbone", syntax=FREEZE, flag="freeze", always=True, help=(
+        "What to freeze: 'backbone' (all but the head), 'none', N (the first N groups), or comma-separated "
+        "group names, ranges ('stem:stage.2') and parameter globs ('*.bn*'). See `hf-freeze inspect MODEL`. "
+        "Default: the policy recorded in the model's config, else 'backbone'."))
+    train_bn: bool = declare(False, syntax=BOOL, flag="train_bn", help=(
+        "Let every BatchNorm layer update its statistics, in frozen groups and after its group is unfrozen (never "
+        "locked, so unfreeze_bn changes nothing, and those statistics are never claimed frozen or verified). "
+        "Default: a BatchNorm layer stays in inference mode (statistics kept, fingerprinted, verified) while its "
+        "group is frozen; groups that train from the start always use batch statistics."))
+    unfreeze: list[Unfreeze] = declare(default_factory=list, syntax=EVENTS, flag="unfreeze", help=(
+        "Unfreeze schedule: comma-separated 'epochE:GROUPS[@LR_SCALE]' or 'stepS:GROUPS[@LR_SCALE]'; GROUPS "
+        "is N (next N frozen groups nearest the head) or names joined by '+'. Example: epoch2:1@0.1,epoch4:2@0.01. "
+        "Events fire when each is due and are resolved in that order (step and epoch events may be mixed)."))
+    unfreeze_bn: bool = declare(False, syntax=BOOL, flag="unfreeze_bn", help=(
+        "Let BatchNorm layers of groups unfrozen by the schedule use batch statistics again (default: they stay "
+        "in inference mode and keep their pretrained statistics, as Keras advises for fine-tuning; their weights "
+        "still train). Only matters without train_bn."))
+    layer_lr_decay: float | None = declare(None, syntax=DECAY, flag="layer_lr_decay", help=(
+        "Layer-wise LR decay in (0, 1]: each group nearer the input gets this factor once more (head at the base LR)."))
+    verify: bool = declare(True, syntax=BOOL, flag="verify_frozen", help=(
+        "Check on every save and at the end that frozen tensors are bit-identical (FrozenWeightsChanged if not)."))
+    adapter: AdapterConfig | None = declare(None, syntax=ADAPTER, flag="adapter", omit_default=True, help=(
+        "Train a PEFT adapter on the frozen groups instead of unfreezing them: 'lora', 'loha' or 'lokr', "
+        "optionally with options ('lora,use_dora=true'; an AdapterConfig, dict or peft config in Python). The "
+        "head trains whole and is saved with the adapter. No unfreeze schedule with an adapter."))
 
     def __post_init__(self):
-        self.adapter = AdapterConfig.coerce(self.adapter)
-        if isinstance(self.freeze, tuple):
-            self.freeze = list(self.freeze)
-        if isinstance(self.freeze, str):
-            self.freeze = _parse_freeze_string(self.freeze)
-        if isinstance(self.unfreeze, (Unfreeze, dict)):
-            self.unfreeze = [self.unfreeze]
-        if not isinstance(self.unfreeze, (list, tuple)):
-            raise FreezePolicyError(f"unfreeze must be a list of Unfreeze events, got {self.unfreeze!r}")
-        events = []
-        for u in self.unfreeze:
-            if isinstance(u, dict):
-                u = _from_dict(Unfreeze, u, "unfreeze event")
-            elif isinstance(u, str):
-                u = Unfreeze.from_string(u)
-            if not isinstance(u, Unfreeze):
-                raise FreezePolicyError(f"unfreeze events must be Unfreeze objects, dicts or strings, got {u!r}")
-            events.append(u)
-        self.unfreeze = events
-        problems = []
-        f = self.freeze
-        if _is_int(f):
-            if f < 0:
-                problems.append(f"freeze={f}: the number of groups to freeze must be >= 0")
-        elif isinstance(f, list):
-            if not f or not all(isinstance(s, str) and s.strip() for s in f):
-                problems.append(f"freeze={f!r}: a list of freeze selectors must be non-empty strings "
-                                "(group names, ranges like 'stem:stage.2', or parameter globs)")
-        elif f not in ("backbone", "none"):
-            problems.append(f"freeze={f!r}: expected 'backbone', 'none', an int N (the first N groups) or a list "
-                            "of group names, ranges ('stem:stage.2') and parameter-name globs ('*.bn*')")
-        for name in ("train_bn", "verify", "unfreeze_bn"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
-        d = self.layer_lr_decay
-        if d is not None and not (_is_number(d) and 0 < d <= 1):
-            problems.append(f"layer_lr_decay must be in (0, 1] (1 = no decay) or None, got {d!r}")
-        for unit in ("at_epoch", "at_step"):
-            times = [getattr(u, unit) for u in self.unfreeze if getattr(u, unit) is not None]
-            if any(b <= a for a, b in zip(times, times[1:])):
-                problems.append(f"unfreeze events must be listed in time order ({unit} values {times} are not increasing)")
+        _fields.coerce(self)
+        problems = _fields.problems(self)
         if self.adapter is not None and self.unfreeze:
             problems.append("an adapter keeps the pretrained weights frozen and trains adapters instead, so it takes "
                             f"no unfreeze schedule (got {[u.to_string() for u in self.unfreeze]}); choose one")
         if problems:
             raise FreezePolicyError("invalid FreezePolicy: " + "; ".join(problems))
 
-    # ----------------------------------------------------------------- serialisation
     @property
     def needs_param_groups(self) -> bool:
         """True when per-group learning rates are needed (unfreeze lr_scale != 1 or layer_lr_decay)."""
         decay = self.layer_lr_decay is not None and self.layer_lr_decay != 1.0
         return decay or any(u.lr_scale != 1.0 for u in self.unfreeze)
 
+    # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        d = {"version": POLICY_VERSION, "freeze": self.freeze, "train_bn": self.train_bn,
-             "unfreeze": [u.to_dict() for u in self.unfreeze], "layer_lr_decay": self.layer_lr_decay,
-             "verify": self.verify, "unfreeze_bn": self.unfreeze_bn}
-        if self.adapter is not None:
-            d["adapter"] = self.adapter.to_dict()
-        return d
+        return {"version": POLICY_VERSION, **_fields.to_dict(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> FreezePolicy:
@@ -215,27 +212,13 @@ class FreezePolicy:
         version = data.pop("version", POLICY_VERSION)
         if version != POLICY_VERSION:
             raise FreezePolicyError(f"freeze policy version {version!r} is not supported (this hf_freeze reads {POLICY_VERSION})")
-        return _from_dict(cls, data, "FreezePolicy")
+        return _fields.from_fields(cls, data, "FreezePolicy")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_string(self) -> str:
-        f = self.freeze
-        parts = [f"freeze={f if not isinstance(f, list) else ','.join(f)}"]
-        if self.train_bn:
-            parts.append("train_bn=true")
-        if self.unfreeze:
-            parts.append("unfreeze=" + ",".join(u.to_string() for u in self.unfreeze))
-        if self.unfreeze_bn:
-            parts.append("unfreeze_bn=true")
-        if self.layer_lr_decay is not None:
-            parts.append(f"layer_lr_decay={_num(self.layer_lr_decay)}")
-        if not self.verify:
-            parts.append("verify=false")
-        if self.adapter is not None:
-            parts.append(f"adapter={self.adapter.to_string()}")
-        return ";".join(parts)
+        return ";".join(f"{key}={value}" for key, value in _fields.string_items(self))
 
     __str__ = to_string
 
@@ -244,33 +227,22 @@ class FreezePolicy:
         text = text.strip()
         if "=" not in text:
             return cls(freeze=text)
-        kwargs: dict[str, Any] = {}
+        items = []
         for part in filter(None, (p.strip() for p in text.split(";"))):
             key, sep, value = part.partition("=")
-            key = key.strip()
             if not sep:
                 raise FreezePolicyError(f"cannot parse {part!r} in policy string {text!r}: expected key=value")
-            if key in kwargs:
-                raise FreezePolicyError(f"policy string {text!r} gives {key!r} twice")
-            kwargs[key] = _parse_field(key, value.strip())
-        return _from_dict(cls, kwargs, "policy string")
+            items.append((key.strip(), value.strip()))
+        return _fields.from_fields(cls, _fields.parse_items(cls, items, f"policy string {text!r}"), "policy string")
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        out = path / POLICY_FILE
-        out.write_text(self.to_json() + "\n")
-        return out
+        """Write ``freeze_policy.json`` into ``directory``."""
+        return folder.write_policy(directory, self)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> FreezePolicy:
         """Read ``freeze_policy.json`` from a directory (or the file itself)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / POLICY_FILE
-        if not p.is_file():
-            raise FileNotFoundError(f"no {POLICY_FILE} at {path}")
-        return cls.from_dict(json.loads(p.read_text()))
+        return cls.from_dict(folder.policy_dict(path))
 
     @classmethod
     def coerce(cls, value: FreezePolicy | dict | str | None) -> FreezePolicy:
@@ -282,268 +254,16 @@ class FreezePolicy:
             return cls.from_dict(value)
         if isinstance(value, str):
             return cls.from_string(value)
-        if _is_int(value) or isinstance(value, (list, tuple)):
+        if is_int(value) or isinstance(value, (list, tuple)):
             return cls(freeze=value)  # shorthand for the freeze field
         raise FreezePolicyError(f"expected a FreezePolicy, dict, policy string, int or list of selectors, "
                                 f"got {type(value).__name__}")
 
 
-def _parse_freeze_string(text: str) -> str | int | list[str]:
-    text = text.strip()
-    if text in ("backbone", "none"):
-        return text
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return [s.strip() for s in text.split(",")]
+def policy_from_pretrained(path: str | os.PathLike) -> FreezePolicy:
+    """The policy saved with a model folder (``freeze_policy.json``, else ``config.json``'s ``freeze_policy``)."""
+    return FreezePolicy.from_dict(folder.recorded_policy_dict(path))
 
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _parse_field(key: str, value: str) -> Any:
-    if key == "freeze":
-        return value
-    if key in ("train_bn", "verify", "unfreeze_bn"):
-        if value.lower() not in _TRUE | _FALSE:
-            raise FreezePolicyError(f"{key}={value!r}: expected true or false")
-        return value.lower() in _TRUE
-    if key == "unfreeze":
-        return [Unfreeze.from_string(v) for v in value.split(",") if v.strip()]
-    if key == "layer_lr_decay":
-        if value.lower() in ("none", ""):
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            raise FreezePolicyError(f"layer_lr_decay={value!r}: expected a number in (0, 1]") from None
-    if key == "adapter":
-        return None if value.lower() in ("none", "") else AdapterConfig.from_string(value)
-    return value  # unknown keys are reported by _from_dict
-
-
-def _from_dict(cls, data: dict, what: str):
-    valid = [f for f in cls.__dataclass_fields__]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise FreezePolicyError(f"unknown {what} field(s) {unknown}; valid fields: {valid}")
-    return cls(**data)
-
-
-# =========================================================================== resolution
-
-@dataclass(frozen=True)
-class UnfreezeStep:
-    """A resolved unfreeze event: concrete group names."""
-
-    at_epoch: float | None
-    at_step: int | None
-    groups: tuple[str, ...]
-    lr_scale: float
-
-    def due(self, epoch: float, step: int) -> bool:
-        if self.at_step is not None:
-            return step >= self.at_step
-        return epoch >= self.at_epoch - 1e-9
-
-    @property
-    def when(self) -> str:
-        return f"epoch {_num(self.at_epoch)}" if self.at_epoch is not None else f"step {self.at_step}"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """How the Trainer counts a run: optimizer steps per epoch, batches per epoch, gradient accumulation.
-
-    With it the global step at which an epoch event fires is known (``Trainer`` sets ``state.epoch`` to
-    ``epoch + batches_done / batches_per_epoch`` after each optimizer step).
-    """
-
-    steps_per_epoch: int
-    batches_per_epoch: int
-    accumulation: int = 1
-
-    def fire_step(self, event: Unfreeze | UnfreezeStep) -> int:
-        """The global step at which ``FreezeCallback`` finds ``event`` due (the next update trains its groups)."""
-        if event.at_step is not None:
-            return event.at_step
-        whole = math.floor(event.at_epoch + 1e-9)
-        frac = event.at_epoch - whole
-        if frac <= 1e-9:
-            return whole * self.steps_per_epoch
-        k = math.ceil((frac - 1e-9) * self.batches_per_epoch / self.accumulation)
-        return whole * self.steps_per_epoch + min(max(k, 1), self.steps_per_epoch)
-
-
-@dataclass(frozen=True)
-class FreezePlan:
-    """A policy checked against one model's groups. ``events`` are in the order they fire.
-
-    ``provisional``: the policy mixes step and epoch events whose order depends on the number of steps per epoch;
-    ``events`` is one order that resolves, and training resolves them again once that number is known
-    (``FreezeCallback`` before the optimizer is built, see :class:`Timing`).
-    """
-
-    group_names: tuple[str, ...]
-    frozen_params: frozenset[str]
-    events: tuple[UnfreezeStep, ...]
-    depth_scale: dict[str, float]
-    provisional: bool = False
-
-    def event_for(self, group: str) -> UnfreezeStep | None:
-        return next((e for e in self.events if group in e.groups), None)
-
-    def initial_scale(self, group: str) -> float:
-        event = self.event_for(group)
-        return event.lr_scale if event else 1.0
-
-
-def _group_range(selector: str, names: list[str]) -> list[str]:
-    lo, _, hi = selector.partition(":")
-    lo, hi = lo.strip(), hi.strip()
-    missing = [x for x in (lo, hi) if x not in names]
-    if missing:
-        raise FreezePolicyError(f"freeze range {selector!r}: unknown group(s) {missing}"
-                                f"{group_hint(missing[0], names)}; groups are {names}")
-    i, j = names.index(lo), names.index(hi)
-    if i > j:
-        raise FreezePolicyError(f"freeze range {selector!r} runs backwards; write it input-to-output: "
-                                f"'{hi}:{lo}' (group order: {names})")
-    return names[i:j + 1]
-
-
-def select_params(selectors: list[str], groups) -> set[str]:
-    """Parameter names picked by group names, ranges and globs; every selector must pick something."""
-    names = [g.name for g in groups]
-    members = {g.name: g.param_names for g in groups}
-    all_params = [n for g in groups for n in g.param_names]
-    chosen: set[str] = set()
-    for raw in selectors:
-        s = raw.strip()
-        if s in members:
-            chosen.update(members[s])
-        elif ":" in s and not _GLOB_CHARS & set(s):
-            for g in _group_range(s, names):
-                chosen.update(members[g])
-        else:
-            hits = [n for n in all_params if fnmatch.fnmatchcase(n, s)]
-            if not hits:
-                raise FreezePolicyError(
-                    f"freeze selector {s!r} matches no group and no parameter{group_hint(s, names, FREEZE_KEYWORDS)}; "
-                    f"groups are {names}; also valid: 'backbone' or 'none' (alone), N (the first N groups), a range "
-                    f"such as '{names[0]}:{names[-2] if len(names) > 1 else names[0]}', or a parameter glob matching "
-                    f"full names such as {all_params[0]!r} (e.g. '*.bn*' or '{all_params[0].split('.')[0]}.*')")
-            chosen.update(hits)
-    return chosen
-
-
-#: above this many possible firing orders of interleaved step and epoch events, a policy is refused
-MAX_ORDERS = 1000
-
-
-def firing_orders(events: list[Unfreeze], timing: Timing | None = None) -> list[tuple[int, ...]]:
-    """The orders (indices into ``events``) in which the events may fire, earliest first; same-step ties keep list order.
-
-    With ``timing`` there is one. Without, step events keep their order and epoch events theirs (both are listed in
-    time order), and a step event S certainly fires before an epoch event E when S < ceil(E) (an epoch has at
-    least one step); every other interleaving depends on the number of steps per epoch and is listed.
-    """
-    index = range(len(events))
-    if timing is not None:
-        return [tuple(sorted(index, key=lambda i: (timing.fire_step(events[i]), i)))]
-    steps = [i for i in index if events[i].at_step is not None]
-    epochs = [i for i in index if events[i].at_epoch is not None]
-    if not steps or not epochs:
-        return [tuple(index)]
-    orders: list[tuple[int, ...]] = []
-
-    def merge(a: int, b: int, done: tuple[int, ...]) -> None:
-        if len(orders) > MAX_ORDERS:
-            return
-        if a == len(steps) or b == len(epochs):
-            orders.append(done + tuple(steps[a:]) + tuple(epochs[b:]))
-            return
-        s_event, e_event = events[steps[a]], events[epochs[b]]
-        merge(a + 1, b, done + (steps[a],))
-        if s_event.at_step >= math.ceil(e_event.at_epoch - 1e-9):  # the epoch event may come first
-            merge(a, b + 1, done + (epochs[b],))
-
-    merge(0, 0, ())
-    if len(orders) > MAX_ORDERS:
-        raise FreezePolicyError(f"the {len(steps)} step and {len(epochs)} epoch unfreeze events can fire in more than "
-                                f"{MAX_ORDERS} orders depending on the steps per epoch; use one unit (all stepN or all "
-                                "epochE)")
-    return orders
-
-
-def _resolve_events(events: list[Unfreeze], order: tuple[int, ...], frozen_groups: list[str],
-                    names: list[str]) -> list[UnfreezeStep]:
-    """Concrete groups of each event, taken in firing ``order``; the result is in that order too."""
-    still_frozen = list(frozen_groups)
-    out = []
-    for i in order:
-        u = events[i]
-        if _is_int(u.groups):
-            if u.groups > len(still_frozen):
-                raise FreezePolicyError(
-                    f"unfreeze {u.to_string()!r}: asks for {u.groups} group(s) but only {len(still_frozen)} are "
-                    f"still frozen at that point ({still_frozen})")
-            chosen = still_frozen[len(still_frozen) - u.groups:]
-        else:
-            unknown = [g for g in u.groups if g not in names]
-            if unknown:
-                raise FreezePolicyError(f"unfreeze {u.to_string()!r}: unknown group(s) {unknown}"
-                                        f"{group_hint(unknown[0], names)}; groups are {names}")
-            not_frozen = [g for g in u.groups if g not in still_frozen]
-            if not_frozen:
-                raise FreezePolicyError(
-                    f"unfreeze {u.to_string()!r}: group(s) {not_frozen} are not frozen at that point; "
-                    f"frozen groups then: {still_frozen}")
-            chosen = [g for g in names if g in u.groups]
-        still_frozen = [g for g in still_frozen if g not in chosen]
-        out.append(UnfreezeStep(u.at_epoch, u.at_step, tuple(chosen), float(u.lr_scale)))
-    return out
-
-
-def resolve(policy: FreezePolicy, groups, timing: Timing | None = None) -> FreezePlan:
-    """Check ``policy`` against ``groups`` (from :func:`hf_freeze.layer_groups`); raise FreezePolicyError if it does not fit.
-
-    Unfreeze events are resolved in the order they fire (an ``N``-group event takes the N still-frozen groups nearest
-    the head at that moment). When step and epoch events are mixed and their order depends on the steps per epoch,
-    ``timing`` gives it; without it every possible order is checked: the policy is refused when none resolves, and the
-    plan is ``provisional`` when they differ.
-    """
-    names = [g.name for g in groups]
-    f = policy.freeze
-    if f == "backbone":
-        frozen = {n for g in groups if g.name != "head" for n in g.param_names}
-    elif f == "none":
-        frozen = set()
-    elif _is_int(f):
-        if f > len(groups):
-            raise FreezePolicyError(f"freeze={f}: the model has only {len(groups)} groups {names}")
-        frozen = {n for g in groups[:f] for n in g.param_names}
-    else:
-        frozen = select_params(f, groups)
-
-    frozen_groups = [g.name for g in groups if frozen & set(g.param_names)]
-    results, errors = [], []
-    for order in firing_orders(policy.unfreeze, timing):
-        try:
-            results.append(tuple(_resolve_events(policy.unfreeze, order, frozen_groups, names)))
-        except FreezePolicyError as e:
-            errors.append(e)
-    if not results:
-        if len(errors) == 1:
-            raise errors[0]
-        raise FreezePolicyError(f"{errors[0]} (in every order these step and epoch events can fire in, depending on "
-                                "the steps per epoch)")
-    events = results[0]
-    provisional = bool(errors) or len(set(results)) > 1
-
-    all_params = {n for g in groups for n in g.param_names}
-    if frozen >= all_params and not events:
-        raise FreezePolicyError(f"freeze={f!r} freezes every parameter and nothing is ever unfrozen: "
-                                "nothing would train; freeze fewer groups (e.g. 'backbone') or add an unfreeze event")
-    decay = policy.layer_lr_decay or 1.0
-    depth_scale = {g: decay ** (len(names) - 1 - i) for i, g in enumerate(names)}
-    return FreezePlan(tuple(names), frozenset(frozen), events, depth_scale, provisional)
+__getattr__ = moved_names(__name__, {"POLICY_FILE": "folder", **dict.fromkeys(
+    ("UnfreezeStep", "Timing", "FreezePlan", "select_params", "MAX_ORDERS", "firing_orders", "resolve"), "plan")})

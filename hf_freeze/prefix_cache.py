@@ -54,16 +54,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from tqdm.auto import tqdm
 
 from . import feature_cache as fc
-from .apply import get_state
 from .architectures import ARCHITECTURES
 from .errors import FreezePolicyError
 from .fingerprint import LEAF_BYTES, _leaf, _root, tensor_digest
-from .groups import model_type_of, peft_wrappers, unwrap_model
+from .groups import model_type_of
+from .names import peft_wrappers, unwrap_model
+from .state import get_state
 
 logger = logging.getLogger(__name__)
 FORMAT = "hf_freeze-prefix/1"
@@ -90,19 +93,8 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def available_memory() -> int:
-    """Bytes of host memory available now (``MemAvailable``; psutil where /proc is absent)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return 2**31
+    """Bytes of host memory available now (psutil, a dependency of accelerate: ``MemAvailable`` on Linux)."""
+    return int(psutil.virtual_memory().available)
 
 
 def memory_limit(args) -> int:
@@ -849,8 +841,6 @@ def model_key(inner: nn.Module, plan: PrefixPlan, device: torch.device) -> str:
 
 def _pass(model, plan: PrefixPlan, fetch, prepare, sink, progress: bool) -> str:
     """One pass over the data in batches of the plan's size: the data digest, and (``sink``) the rows stored."""
-    from tqdm.auto import tqdm
-
     h = hashlib.blake2b(digest_size=16)
     size = plan.batch_size
     with fc._rng_preserved(), torch.no_grad():

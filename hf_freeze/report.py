@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .apply import require_state
-from .groups import named_base_parameters, unwrap_model
+from . import batchnorm
+from .adapter_plan import adapter_params_by_group
+from .names import unwrap_model
+from .state import require_state
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,12 @@ class FreezeReport:
 
 def freeze_report(model: nn.Module) -> FreezeReport:
     """The report for the policy currently applied to ``model``."""
-    from . import batchnorm
-    from .adapters import adapter_params_by_group
-
     model = unwrap_model(model)
     state = require_state(model)
+    names = state.names_of(model)
     plan = state.adapter
-    params = dict(named_base_parameters(model))
-    extra = adapter_params_by_group(model, state.groups) if plan is not None else {}
+    params = dict(names.base_parameters(model))
+    extra = adapter_params_by_group(model, state.groups, names) if plan is not None else {}
     saved = plan.modules_to_save if plan is not None else ()
 
     def norm_mode(name: str, module: nn.Module) -> str:
@@ -135,7 +135,7 @@ def freeze_report(model: nn.Module) -> FreezeReport:
             return "train (saved copy)"
         return "eval (locked)" if batchnorm.is_locked(module) else "train"
 
-    norms = batchnorm.stat_norms(model)
+    norms = batchnorm.stat_norms(model, names)
     rows = []
     for g in state.groups:
         open_params = sum(params[n].numel() for n in g.param_names if n not in state.frozen)

@@ -21,8 +21,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .batchnorm import stat_norms
 from .errors import FreezePolicyError
-from .policy import FreezePolicy, Unfreeze, resolve
+from .groups import layer_groups
+from .plan import resolve
+from .policy import FreezePolicy, Unfreeze
+from .state import get_state
 
 
 @dataclass
@@ -116,8 +120,6 @@ def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset()) 
 
 def norm_groups(model, groups) -> set[str]:
     """The groups holding BatchNorm running statistics."""
-    from .batchnorm import stat_norms
-
     group_of = groups.group_of()
     return {group_of[f"{name}.{b}"] for name, m in stat_norms(model).items() for b, _ in m.named_buffers(recurse=False)
             if f"{name}.{b}" in group_of}
@@ -172,10 +174,10 @@ class SearchResult:
         return out
 
     def _plot(self, path: Path) -> None:
-        import matplotlib
+        import matplotlib  # optional dependency (hf_freeze[examples]): only the saved plot needs it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency, as above
 
         rows = self.rows[::-1]
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
@@ -197,10 +199,7 @@ def search_freeze_policies(trainer, n_trials: int = 8, metric: str = "eval_accur
     the model ``model_init`` builds: distinct policies only. Each trial trains the policy it sampled (checked: a
     mismatch raises); at most ``n_trials`` of them run, without repeats, each to the end (no pruning).
     """
-    import optuna
-
-    from .apply import get_state
-    from .groups import layer_groups
+    import optuna  # optional dependency (hf_freeze[examples]): only the search needs it
 
     if trainer.model_init is None:
         raise ValueError("search_freeze_policies needs a FreezeTrainer built with model_init= (each trial starts "

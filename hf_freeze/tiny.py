@@ -1,10 +1,15 @@
 """Tiny random configs for every model type in transformers' image-classification mapping.
 
-Used by ``hf-freeze inspect tiny:<model_type>`` and the tests. The values were checked to build and
-run forward+backward on CPU with transformers 5.24 (32 px input; 64 px for hiera, levit, mobilevitv2).
+A feature, not a test helper: ``hf-freeze inspect tiny:<model_type>`` shows the layer groups of any
+architecture offline, without downloading a config (checked at parse time against :data:`CFG`), and
+:func:`tiny_model` builds one with random weights to try a policy on (the tests and benchmarks use it
+too). The values were checked to build and run forward+backward on CPU with transformers 5.24 (32 px
+input; 64 px for hiera, levit, mobilevitv2). Importing this module loads neither torch nor transformers.
 """
 
 from __future__ import annotations
+
+from ._compat import moved_names
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8)
 CLIPV = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8)
@@ -72,14 +77,8 @@ CFG = {
 IMAGE_SIZE = {"hiera": 64, "levit": 64, "mobilevitv2": 64, "perceiver": 16}
 
 
-def image_classifier_class_names(model_type: str) -> tuple[str, ...]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
-    return names if isinstance(names, tuple) else (names,)
-
-
 def tiny_config(model_type: str, num_labels: int = 3):
+    # transformers loads only when a config is built: checks.py reads CFG while hf-freeze parses its arguments
     from transformers import CONFIG_MAPPING
 
     if model_type not in CFG:
@@ -89,9 +88,14 @@ def tiny_config(model_type: str, num_labels: int = 3):
 
 def tiny_model(model_type: str, num_labels: int = 3, seed: int = 0):
     """A randomly initialised tiny classifier of ``model_type`` (the mapping's first class)."""
+    # torch loads only when a model is built: checks.py reads CFG while hf-freeze parses its arguments
     import torch
-    import transformers
+
+    from .loading import classifier_class
 
     torch.manual_seed(seed)
-    cls = getattr(transformers, image_classifier_class_names(model_type)[0])
-    return cls(tiny_config(model_type, num_labels))
+    config = tiny_config(model_type, num_labels)
+    return classifier_class(config)(config)
+
+
+__getattr__ = moved_names(__name__, {"image_classifier_class_names": "loading"})

@@ -8,34 +8,41 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from . import feature_cache as fc
+from ._compat import moved_names
 from ._logging import get_logger
 from .adapters import add_adapter
-from .apply import get_state
-from .callback import CONFIG_KEY, FreezeCallback
+from .args import policy_from_fields
+from .callback import FreezeCallback
 from .checkpoints import last_complete_checkpoint
-from .delta import (
+from .delta import apply_delta, apply_delta_restoring_base, save_adapter_base, save_delta
+from .distributed import check_model_data
+from .errors import FreezePolicyError
+from .folder import (
     ADAPTER_BASE,
     DELTA_MANIFEST,
     DELTA_WEIGHTS,
     FULL_WEIGHTS,
-    apply_delta,
-    apply_delta_restoring_base,
+    TRAVELS,
+    has_full_weights,
     is_delta,
+    policy_in_config,
+    record_in_config,
     remove_weights,
-    save_adapter_base,
-    save_delta,
+    write_policy,
 )
-from .distributed import check_model_data
-from .errors import FreezePolicyError
-from .groups import layer_groups, peft_wrappers, unwrap_model
+from .groups import layer_groups
 from .hub import explain_push_failure
 from .model_card import CardConfig, write_model_card
+from .names import peft_wrappers, unwrap_model
 from .param_groups import freeze_param_groups
-from .policy import FreezePolicy, Timing, resolve
+from .plan import Timing, resolve
+from .policy import FreezePolicy
 from .prefix_cache import PrefixCacheTrainerMixin
+from .state import get_state
 
 logger = get_logger(__name__)
 
@@ -148,8 +155,7 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         output_dir = output_dir or self.args.output_dir
         model = unwrap_model(self.model)
         config = getattr(model, "config", None)
-        if config is not None:
-            setattr(config, CONFIG_KEY, self.freeze_policy.to_dict())
+        record_in_config(config, self.freeze_policy)
         state = get_state(model)
         adapter = state is not None and state.adapter is not None
         base = dict(base_model=getattr(self.args, "delta_base_model", None),
@@ -163,7 +169,7 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         if self.args.should_save:
             stale = (DELTA_MANIFEST, DELTA_WEIGHTS) + (() if self.saves_delta else (ADAPTER_BASE,))
             remove_weights(Path(output_dir), stale)  # a stale delta must not shadow these
-            self.freeze_policy.save_pretrained(output_dir)
+            write_policy(output_dir, self.freeze_policy)
             if adapter:
                 if config is not None:  # PEFT saves no config: keep the fine-tuned one (labels, freeze_policy)
                     config.save_pretrained(output_dir)
@@ -177,14 +183,14 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if is_delta(resume_from_checkpoint) and not _has_full_weights(resume_from_checkpoint):
+        if is_delta(resume_from_checkpoint) and not has_full_weights(resume_from_checkpoint):
             apply_delta(self.model if model is None else model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
-        if best and is_delta(best) and not _has_full_weights(best):
+        if best and is_delta(best) and not has_full_weights(best):
             apply_delta_restoring_base(self.model, best)  # groups unfrozen after it: back to the base's tensors
             return
         super()._load_best_model()
@@ -200,8 +206,6 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         """
         if not self.is_world_process_zero():
             return
-        from transformers.modelcard import extract_hyperparameters_from_trainer
-
         dataset = dataset if dataset is not None else dataset_tags
         config = CardConfig(
             model_name=model_name, repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
@@ -234,7 +238,7 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
                 and not self.push_in_progress.is_done())  # the Trainer skips this push: don't touch files in flight
         if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
             out = Path(self.args.output_dir)
-            for name in ("freeze_policy.json", DELTA_MANIFEST, DELTA_WEIGHTS, ADAPTER_BASE):
+            for name in TRAVELS:
                 if (Path(checkpoint_folder) / name).is_file():
                     shutil.copy(Path(checkpoint_folder) / name, out / name)
             if self.saves_delta:
@@ -245,10 +249,6 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
 
 class FreezeTrainer(FreezeTrainerMixin, Trainer):
     """``transformers.Trainer`` + a freeze policy: ``FreezeTrainer(model, args, ..., freeze_policy="backbone")``."""
-
-
-def _has_full_weights(folder) -> bool:
-    return any((Path(folder) / name).is_file() for name in FULL_WEIGHTS)
 
 
 def _check_before_init(policy: FreezePolicy, model) -> None:
@@ -265,33 +265,8 @@ def _pick_policy(explicit, training_args, model) -> FreezePolicy:
     policy = from_args() if callable(from_args) else None
     if policy is not None:
         return policy
-    recorded = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if isinstance(recorded, dict):
-        return FreezePolicy.from_dict(recorded)
-    return FreezePolicy()
+    recorded = policy_in_config(getattr(model, "config", None))
+    return FreezePolicy() if recorded is None else FreezePolicy.from_dict(recorded)
 
 
-def policy_from_fields(args, params: dict) -> FreezePolicy | None:
-    """The policy of ``args``' freeze fields with ``params`` (a trial's FreezeArguments values) put over them."""
-    from dataclasses import fields
-
-    from .args import FreezeArguments
-
-    if not isinstance(args, FreezeArguments):
-        return None
-    values = {f.name: params.get(f.name, getattr(args, f.name)) for f in fields(FreezeArguments)}
-    return FreezeArguments(**values).freeze_policy()
-
-
-def policy_from_pretrained(path: str | os.PathLike) -> FreezePolicy:
-    """The policy saved with a model folder (``freeze_policy.json``, else ``config.json``'s ``freeze_policy``)."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    if (p / "freeze_policy.json").is_file():
-        return FreezePolicy.from_pretrained(p)
-    config = json.loads((p / "config.json").read_text())
-    if CONFIG_KEY not in config:
-        raise FileNotFoundError(f"{path} has no freeze_policy.json and no '{CONFIG_KEY}' in config.json")
-    return FreezePolicy.from_dict(config[CONFIG_KEY])
+__getattr__ = moved_names(__name__, {"policy_from_pretrained": "policy"})

@@ -22,6 +22,7 @@ from helpers import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors import safe_open
+from shared_data import fashion_mnist, few_shot_indices
 from test_multiprocess import free_port
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainerCallback
@@ -36,9 +37,9 @@ from hf_freeze import (
     FreezeTrainingArguments,
     FrozenWeightsChanged,
 )
-from hf_freeze.adapters import expose_conv_geometry, resolve_adapter, skip_reason
-from hf_freeze.groups import ADAPTER, COPY, named_base_tensors, named_peft_parameters, peft_wrappers
-from hf_freeze.testing import fashion_mnist, few_shot_indices
+from hf_freeze.adapter_plan import resolve_adapter, skip_reason
+from hf_freeze.adapters import expose_conv_geometry
+from hf_freeze.names import ADAPTER, COPY, named_base_tensors, named_peft_parameters, peft_wrappers
 from hf_freeze.tiny import IMAGE_SIZE
 
 

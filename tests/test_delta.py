@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import hf_freeze
 from hf_freeze import BaseModelChanged, FreezeTrainer, FrozenWeightsChanged
-from hf_freeze.delta import DELTA_MANIFEST, DELTA_WEIGHTS, DeltaManifest
+from hf_freeze.delta import DeltaManifest
+from hf_freeze.folder import DELTA_MANIFEST, DELTA_WEIGHTS
 
 POLICY = "freeze=backbone;unfreeze=step3:1@0.5"
 
@@ -197,7 +198,7 @@ def test_delta_flags_parse_with_hf_argument_parser(tmp_path):
 
 def test_adapter_run_with_save_delta_saves_a_loadable_adapter_delta(tmp_path):
     """An adapter run's delta is its adapter folder, plus the base it applies to and the base's fingerprint."""
-    from hf_freeze.delta import ADAPTER_BASE
+    from hf_freeze.folder import ADAPTER_BASE
 
     base_dir, model = saved_base(tmp_path)
     policy = "train_bn=true;adapter=lora,r=4,groups=1"  # BatchNorm statistics travel as saved copies

@@ -21,7 +21,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_freeze
 from hf_freeze import BaseModelChanged, FreezeTrainer, PushFailed
-from hf_freeze.delta import DELTA_MANIFEST, DELTA_WEIGHTS
+from hf_freeze.folder import DELTA_MANIFEST, DELTA_WEIGHTS
 
 POLICY = "freeze=backbone;unfreeze=step3:1@0.5"
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))

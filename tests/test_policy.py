@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import hf_freeze
 from hf_freeze import FreezePolicy, FreezePolicyError, Unfreeze
-from hf_freeze.policy import Timing
+from hf_freeze.plan import Timing
 
 GOOD = [
     FreezePolicy(),

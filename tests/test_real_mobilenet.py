@@ -3,9 +3,9 @@
 import torch
 from helpers import FASHION_MNIST, IMAGENET_SAMPLES, changed_names, snapshot
 from PIL import Image
+from shared_data import fashion_mnist, few_shot_indices, imagenet_top1
 
 import hf_freeze
-from hf_freeze.testing import fashion_mnist, few_shot_indices, imagenet_top1
 
 
 def test_head_only_training_preserves_backbone_and_original_head_accuracy(mobilenet_v2_path):

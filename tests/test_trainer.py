@@ -236,7 +236,7 @@ def test_plain_trainer_resolves_the_event_order_from_its_dataloader(tmp_path):
     Trainer(model=tiny_model("resnet"), args=training_args(tmp_path, per_device_train_batch_size=16),
             train_dataset=TinyImages(), callbacks=[callback]).train()
     assert [(e["step"], e["groups"]) for e in callback.events_log] == [(2, ["stage.1"]), (3, ["stage.0"])]
-    assert callback.timing == hf_freeze.policy.Timing(2, 2, 1)
+    assert callback.timing == hf_freeze.plan.Timing(2, 2, 1)
 
 
 def test_event_order_that_makes_the_policy_invalid_for_this_run_is_refused_before_training(tmp_path):

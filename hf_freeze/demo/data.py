@@ -29,7 +29,7 @@ IMAGE_SIZE = 32
 
 def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Return sklearn's digits as ``(images, targets)``: ``(1797, 8, 8)`` floats in 0..16 and int labels 0..9."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional dependency (hf_freeze[examples]): only the demo needs it
 
     bunch = load_digits()
     return np.asarray(bunch.images), np.asarray(bunch.target, dtype=np.int64)

@@ -65,7 +65,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def settings_key(settings: PretrainSettings) -> str:
     """A short hash of the settings and of the library versions that shape the result."""
-    import sklearn
+    import sklearn  # optional dependency (hf_freeze[examples]): only the demo needs it
 
     payload = {
         "settings": dataclasses.asdict(settings),

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import TinyImages, snapshot, tiny_model, training_args  # noqa: E402
 
 import hf_freeze  # noqa: E402
-from hf_freeze.groups import named_base_tensors, named_peft_parameters  # noqa: E402
+from hf_freeze.names import named_base_tensors, named_peft_parameters  # noqa: E402
 
 out = Path(sys.argv[1])
 policy = "freeze=backbone;adapter=lora,r=4,alpha=8,groups=2"

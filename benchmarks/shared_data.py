@@ -1,7 +1,8 @@
-"""Readers for the real fixtures used by tests and benchmarks (Fashion-MNIST IDX files, ImageNet samples).
+"""Readers for the real fixtures used by benchmarks, tests and one example (Fashion-MNIST IDX files, ImageNet samples).
 
 The files are not part of the project: pass their folder (``shared/`` beside the checkout, or
-``HF_FREEZE_SHARED``). Everything here is plain numpy/PIL so it also serves examples.
+``HF_FREEZE_SHARED``). Development code, not shipped in the package: benchmarks import it as a sibling
+module, ``tests/conftest.py`` puts this folder on ``sys.path``. Plain numpy/PIL.
 """
 
 from __future__ import annotations

@@ -1,0 +1,119 @@
+"""What a saved hf_freeze folder contains: the file names, the policy in it, the files that travel with a checkpoint.
+
+A folder saved with a freeze policy holds the model in one of three kinds (:func:`checkpoint_kind`): full weights,
+an hf_freeze delta (:mod:`hf_freeze.delta`) or a PEFT adapter; beside them ``freeze_policy.json`` and the same
+policy under ``freeze_policy`` in ``config.json``. Every save path writes the policy through :func:`write_policy`
+(``FreezeCallback.on_save``, the ``save_pretrained`` that ``Trainer.save_model`` calls, ``FreezeTrainer._save``,
+``save_delta``, ``save_adapter``, ``FreezePolicy.save_pretrained``) and a push during training copies
+:data:`TRAVELS` from the checkpoint. Plain file names and ``pathlib``: no model needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+#: the freeze policy of the folder (``FreezePolicy.to_json``)
+POLICY_FILE = "freeze_policy.json"
+#: the key of the same policy in the model's ``config.json`` (so ``from_pretrained`` users see it)
+CONFIG_KEY = "freeze_policy"
+CONFIG_FILE = "config.json"
+#: a delta checkpoint: the trained tensors and the manifest (base model, fingerprint of the frozen tensors)
+DELTA_WEIGHTS = "freeze_delta.safetensors"
+DELTA_MANIFEST = "freeze_delta.json"
+#: beside an adapter saved as the delta of its run: the base it applies to and the fingerprint of the base tensors
+ADAPTER_BASE = "freeze_adapter_base.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: the model card and its plot (:mod:`hf_freeze.model_card`)
+CARD_FILE = "README.md"
+PLOT_FILE = "training_curves.png"
+#: what hf_freeze writes beside a checkpoint's weights: copied to the output folder when a checkpoint is pushed
+TRAVELS = (POLICY_FILE, DELTA_MANIFEST, DELTA_WEIGHTS, ADAPTER_BASE)
+
+
+# --------------------------------------------------------------------------- the policy in a folder
+def write_policy(folder: str | os.PathLike, policy) -> Path:
+    """Write ``policy`` (a FreezePolicy) as ``folder/freeze_policy.json``; returns the file."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / POLICY_FILE
+    path.write_text(policy.to_json() + "\n")
+    return path
+
+
+def record_in_config(config, policy) -> None:
+    """Put ``policy`` under ``freeze_policy`` in a model config (None: nothing to do), for ``config.json``."""
+    if config is not None:
+        setattr(config, CONFIG_KEY, policy.to_dict())
+
+
+def policy_in_config(config) -> dict | None:
+    """The policy dict a model config records (None: it records none)."""
+    recorded = getattr(config, CONFIG_KEY, None)
+    return recorded if isinstance(recorded, dict) else None
+
+
+def policy_dict(path: str | os.PathLike) -> dict:
+    """The dict in ``freeze_policy.json`` of a folder (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / POLICY_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no {POLICY_FILE} at {path}")
+    return json.loads(p.read_text())
+
+
+def recorded_policy_dict(folder: str | os.PathLike) -> dict:
+    """The policy a model folder was saved with: ``freeze_policy.json``, else ``config.json``'s ``freeze_policy``."""
+    p = Path(folder)
+    if (p / POLICY_FILE).is_file():
+        return policy_dict(p)
+    config = json.loads((p / CONFIG_FILE).read_text())
+    if CONFIG_KEY not in config:
+        raise FileNotFoundError(f"{folder} has no {POLICY_FILE} and no '{CONFIG_KEY}' in {CONFIG_FILE}")
+    return config[CONFIG_KEY]
+
+
+# --------------------------------------------------------------------------- which kind of checkpoint
+def is_delta(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / DELTA_MANIFEST).is_file()
+
+
+def is_adapter(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / ADAPTER_FILES[0]).is_file()
+
+
+def has_full_weights(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / name).is_file() for name in FULL_WEIGHTS)
+
+
+def checkpoint_kind(folder: str | os.PathLike) -> str:
+    """``"delta"``, ``"adapter"`` or ``"full"``; FileNotFoundError naming the expected files otherwise."""
+    f = Path(folder)
+    if (f / DELTA_MANIFEST).is_file() and (f / DELTA_WEIGHTS).is_file():
+        return "delta"
+    if all((f / name).is_file() for name in ADAPTER_FILES):
+        return "adapter"
+    if has_full_weights(f) and (f / CONFIG_FILE).is_file():
+        return "full"
+    raise FileNotFoundError(
+        f"{folder} is not a complete model folder: expected {CONFIG_FILE} + model.safetensors (full), "
+        f"{DELTA_MANIFEST} + {DELTA_WEIGHTS} (hf_freeze delta) or {' + '.join(ADAPTER_FILES)} (PEFT adapter)")
+
+
+def remove_weights(folder: Path, names) -> list[str]:
+    """Delete weight files (and the shards an index lists) of one checkpoint kind from ``folder``."""
+    removed = []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            for shard in set(json.loads(path.read_text()).get("weight_map", {}).values()):
+                (folder / shard).unlink(missing_ok=True)
+                removed.append(shard)
+        path.unlink()
+        removed.append(name)
+    return removed
