@@ -63,9 +63,9 @@ from tqdm.auto import tqdm
 from . import feature_cache as fc
 from .architectures import ARCHITECTURES
 from .errors import FreezePolicyError
-from .fingerprint import LEAF_BYTES, _leaf, _root, tensor_digest
+from .fingerprint import LEAF_BYTES, _leaf, _root
 from .groups import model_type_of
-from .names import peft_wrappers, unwrap_model
+from .names import unwrap_model
 from .state import get_state
 
 logger = logging.getLogger(__name__)
@@ -156,23 +156,16 @@ def policy_refusal(model: nn.Module) -> str | None:
     state = get_state(model)
     if state is None:
         return "no freeze policy is applied"
-    if state.policy.train_bn:
-        return "train_bn=True: frozen BatchNorm layers update their statistics in every forward pass"
-    if getattr(state.policy, "adapter", None) is not None or peft_wrappers(model):
-        return "adapters (PEFT) train inside the frozen groups, so their outputs change every step"
     issue = getattr(ARCHITECTURES.get(model_type_of(model)), "prefix_issue", None)
     if issue:
         return f"model type {model_type_of(model)!r}: {issue}"
+    # the linear-probe cache's checks, shared; over the whole model: the cached rows are served on one device
+    reason = fc.model_refusal(model, state, [*model.parameters(), *model.buffers()], "the model")
+    if reason:
+        return reason
     if not leading_frozen(state):
         first = state.groups[0].name
         return f"nothing is frozen at the input end (group {first!r} trains), so there is no frozen prefix to cache"
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        return "a module is compiled (module.compile()): compiled kernels may round differently from the eager pass"
-    tensors = [t for n, t in (*model.named_parameters(), *model.named_buffers())]
-    if any(t.is_meta for t in tensors):
-        return "the model has weights on the meta device (offloaded by device_map)"
-    if len({t.device for t in tensors}) > 1:
-        return "the model is spread over several devices (device_map)"
     return None
 
 
@@ -732,7 +725,7 @@ class PrefixCache:
         inner = unwrap_model(model)
         device = next(inner.parameters()).device
         prefix = f"{model_type_of(inner)}-{model_key(inner, plan, device)[:20]}"
-        folder = Path(cache_dir) if cache_dir else fc.default_dir()
+        folder = fc.cache_folder(cache_dir)
         known = [k for k in _MEMORY if k.startswith(prefix)]
         if storage == "disk" and keep and folder.is_dir():
             fc.clean_stale_temps(folder)
@@ -827,16 +820,9 @@ class DiskSink:
 def model_key(inner: nn.Module, plan: PrefixPlan, device: torch.device) -> str:
     """Digest of everything but the data that determines the cached rows, taken now."""
     tensors = dict((*inner.named_parameters(), *inner.named_buffers()))
-    h = hashlib.blake2b(digest_size=16)
-    for part in (FORMAT, f"{type(inner).__module__}.{type(inner).__qualname__}", plan.boundary, torch.__version__,
-                 device.type, plan.autocast, plan.batch_size, str(plan.layout.spec), sorted(plan.layout.rows.items()),
-                 fc._config_digest(inner),
-                 plan.pixels):
-        h.update(f"{part};".encode())
-    for n in plan.tensors:
-        if n in tensors:
-            h.update(f"{n}={tensor_digest(tensors[n])};".encode())
-    return h.hexdigest()
+    return fc.weights_key(inner, {n: tensors[n] for n in plan.tensors if n in tensors}, FORMAT, plan.boundary, device,
+                          plan.autocast, plan.batch_size, str(plan.layout.spec), sorted(plan.layout.rows.items()),
+                          plan.pixels)
 
 
 def _pass(model, plan: PrefixPlan, fetch, prepare, sink, progress: bool) -> str:
@@ -890,14 +876,7 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
 
     # ------------------------------------------------------------------ deciding
     def _prefix_check(self) -> tuple[str | None, PrefixPlan | None]:
-        reason = policy_refusal(self.model) or fc.setup_refusal(
-            self.args, compiled=any(hasattr(m, "_orig_mod") for m in (self.model, self.model_wrapped)),
-            sharded="FSDP" if self.is_fsdp_enabled else "DeepSpeed" if self.is_deepspeed_enabled else None,
-            custom_loss=self.compute_loss_func is not None) or self._override_refusal()
-        if reason:
-            return reason, None
-        self._feature_cache_source = None
-        reason = fc.dataset_refusal(self.train_dataset, self._real_batch)
+        reason = policy_refusal(self.model) or self._cache_refusal()  # the linear-probe cache's checks, shared
         if reason:
             return reason, None
         n, size = len(self.train_dataset), self._train_batch_size
@@ -923,7 +902,7 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
                     f"more than feature_cache_max_memory ({human(self._memory_limit)}); use feature_cache='disk' or "
                     "'auto' (which writes it to a memory-mapped file)"), None
         if need > self._memory_limit or self.feature_cache_mode == "disk":
-            folder = Path(getattr(self.args, "feature_cache_dir", None) or fc.default_dir())
+            folder = fc.cache_folder(getattr(self.args, "feature_cache_dir", None))
             free = shutil.disk_usage(_existing(folder)).free
             if need * 1.05 > free:
                 return (f"the prefix cache at {plan.boundary} needs {human(need)}: more than feature_cache_max_memory "

@@ -266,3 +266,46 @@ def test_the_disk_file_is_safetensors_and_a_modified_one_is_rebuilt(tmp_path, ca
     pc._MEMORY.clear()
     third, w_third = train(tmp_path, "disk", feature_cache_dir=str(cache))
     assert third.prefix_cache_info[0]["source"] == "disk" and differing(w_first, w_third) == []
+
+
+# =========================================================================== the linear-probe cache's checks, shared
+
+@pytest.mark.parametrize("check", ["setup_refusal", "dataset_refusal", "model_refusal"])
+def test_the_prefix_cache_makes_the_linear_probe_caches_checks(tmp_path, monkeypatch, check):
+    """Both caches call the same check functions of feature_cache.py (not copies): a refusal added there refuses both,
+    before anything changes."""
+    monkeypatch.setattr(fc, check, lambda *a, **k: f"the {check} check says no")
+    model = tiny_model("resnet", seed=2)
+    before = snapshot(model)
+    with pytest.raises(FreezePolicyError) as err:  # the linear-probe cache first, then the prefix cache
+        train(tmp_path, "memory", model=model, policy="freeze=backbone;unfreeze=epoch1:1")
+    assert str(err.value).count(f"the {check} check says no") == 2
+    assert "no frozen-prefix cache either" in str(err.value)
+    assert differing(before, snapshot(model)) == []
+
+
+def test_the_prefix_cache_keys_and_stores_as_the_linear_probe_cache(tmp_path, monkeypatch):
+    """The model side of the key and the disk folder come from feature_cache.py's functions."""
+    calls = []
+    key = fc.weights_key
+    monkeypatch.setattr(fc, "weights_key", lambda *a: calls.append(a[2]) or key(*a))
+    folder = tmp_path / "elsewhere"
+    monkeypatch.setattr(fc, "cache_folder", lambda cache_dir: folder)
+    on, _ = train(tmp_path, "disk", num_train_epochs=1)
+    assert pc.FORMAT in calls
+    assert (folder / f"{on.prefix_cache_info[0]['key']}.safetensors").is_file()
+
+
+# =========================================================================== composition (see also tests/test_composition.py)
+
+@pytest.mark.parametrize("extra", [{}, {"bf16": True}], ids=["fp32", "bf16"])
+def test_gradient_accumulation_with_a_moving_boundary_equals_off(tmp_path, extra):
+    """Accumulation 2 over batches of 8, 8, 4 (an epoch ends inside an accumulation window), unfreeze events at
+    optimizer steps 2 and 4: the boundary moves down twice, weights equal the uncached run's bit for bit."""
+    policy = "freeze=backbone;unfreeze=step2:1,step4:1"
+    kw = dict(num_train_epochs=4, gradient_accumulation_steps=2, **extra)
+    off, w_off = train(tmp_path, "off", policy=policy, **kw)
+    on, w_on = train(tmp_path, "auto", policy=policy, **kw)
+    assert differing(w_off, w_on) == []
+    assert [(b, s > 0) for b, s, _ in served(on)] == [("resnet.encoder.stages.0", True), ("resnet.embedder", True)]
+    assert [e["step"] for e in on.freeze_callback.events_log] == [2, 4]
