@@ -23,7 +23,9 @@ prefix draws no random numbers and changes no buffers, each example's output is 
 depend on its position or batch mates, and one training step from the cached output gives the real step's
 loss, logits, gradient of every trainable parameter and buffers, bit for bit. Plus the static conditions of
 the linear-probe cache (same inputs for the same example, no workers, no torch.compile/FSDP/DeepSpeed/
-DataParallel, no compute_loss_func, no override of compute_loss/training_step), no ``train_bn``, no adapter.
+DataParallel, no compute_loss_func, no override of compute_loss/training_step), no ``train_bn``, no adapter:
+checked by the linear-probe cache's own functions (``FeatureCacheTrainerMixin._cache_refusal``,
+``feature_cache.model_refusal``), so a check added there guards both caches.
 
 **Schedules.** An unfreeze event that reaches the prefix moves the boundary down: the cache is dropped, the
 probe runs again at the new boundary and the cache is rebuilt (one prefix pass over the data); when the
@@ -35,7 +37,8 @@ from the cache if the prefix gives the same bits at that size, else from the rea
 ``auto`` writes it to a file under ``feature_cache_dir``/spill that is memory-mapped and deleted when the cache
 is dropped or training ends, ``memory`` refuses, and ``disk`` always writes a file kept for later runs. Files are safetensors
 (written row block by row block, never whole in memory) whose header carries the digest of every tensor,
-checked before a file is reused. Keys as for the linear-probe cache, over the prefix's tensors.
+checked before a file is reused. Keys as for the linear-probe cache (``feature_cache.weights_key``), over the
+prefix's tensors, in the same folder (``feature_cache.cache_folder``).
 """
 
 from __future__ import annotations
