@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 import time
 import warnings
@@ -317,6 +318,19 @@ def _synthetic(n, size):
     return torch.randn(n, 3, size, size, generator=g) + labels.view(-1, 1, 1, 1).float(), labels
 
 
+def _commit() -> str:
+    """The checked-out commit (with ``+dirty`` when files differ), or "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=96)
@@ -338,7 +352,7 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp())
     results = {"threads": a.threads, "images": a.images, "epochs": a.epochs, "size": a.size, "runs": [], "gradual": [],
                "skipped": {}, "load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(),
-               "torch": torch.__version__, "clock": "CPU seconds of the process (time.process_time), one torch thread; "
+               "torch": torch.__version__, "commit": _commit(), "clock": "CPU seconds of the process (time.process_time), one torch thread; "
                "*_wall_s: wall-clock seconds"}
     wanted = a.models.split(",")
     setups = {}
