@@ -11,7 +11,8 @@ blocks from the result files and fails when a committed figure differs.
 Result files (relative to the project root): ``docs/benchmarks/transfer_bn.json`` (transfer_bn.py),
 ``docs/benchmarks/transfer.json`` (transfer.py), ``docs/benchmarks/feature_cache.json`` (feature_cache.py),
 ``docs/benchmarks/search.json`` (search.py),
-``benchmarks/results/classic_drift.json`` (classic_drift.py), ``benchmarks/results/step_speed_*.json``
+``benchmarks/results/classic_drift.json`` (classic_drift.py), ``benchmarks/results/prefix_cache*_cpu.json``
+(prefix_cache.py), ``benchmarks/results/step_speed_*.json``
 (step_speed.py), ``benchmarks/results/mixed_precision_h200.txt`` (mixed_precision_check.py).
 """
 
@@ -40,6 +41,8 @@ SOURCES = {
     "step_cpu16": "benchmarks/results/step_speed_cpu16.json",
     "step_cpu": "benchmarks/results/step_speed_cpu1.json",
     "mixed_precision": "benchmarks/results/mixed_precision_h200.txt",
+    "prefix_cache": "benchmarks/results/prefix_cache_cpu.json",
+    "prefix_cache_sweep": "benchmarks/results/prefix_cache_sweep_cpu.json",
 }
 
 
@@ -437,6 +440,62 @@ def feature_cache_table(d: dict) -> str:
                               "epoch (what is left is the Trainer's own per-step work).")
 
 
+def prefix_cache_table(d: dict) -> str:
+    """Per model and boundary: epochs 2..N cached / uncached / ideal; then the gradual schedules; then the goals."""
+    rows = ["| model | frozen groups (cached module) | size per example | epochs 2..N: uncached | cached | ideal "
+            "(suffix alone) | cached / ideal | uncached / cached | weights cached = uncached |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    served = [r for r in d["runs"] if r.get("ideal")]
+    for r in d["runs"]:
+        head = f"| {r['model']} | {r['boundary']}: {r['frozen_groups']} of {r['groups_below_head']}"
+        if not r.get("ideal"):
+            rows.append(f"{head} | refused: {r['refusal']} | | | | | | |")
+            continue
+        info, later = r["cache"][0], r["later_epoch_s"]
+        rows.append(f"{head} (`{info['boundary']}`) | {size(info['bytes_per_example'])} | {later['off']:.2f} s | "
+                    f"{later['auto']:.2f} s | {later['ideal']:.2f} s | {r['cached_over_ideal']:.2f}x | "
+                    f"{r['uncached_over_cached']:.2f}x | {'bit-identical' if r['weights_identical'] else 'DIFFERENT'} |")
+    rows += ["", "| model | gradual schedule | epochs | `train()` uncached | cached | uncached / cached | prefix "
+             "boundaries | weights cached = uncached |", "|---|---|---:|---:|---:|---:|---|---|"]
+    for g in d["gradual"]:
+        bounds = ", ".join(f"`{i['boundary']}`" for i in g["prefix_cache"]) or "none"
+        rows.append(f"| {g['model']} | `{g['policy']}` | {g['epochs']} | {g['off']['train_s']:.1f} s | "
+                    f"{g['auto']['train_s']:.1f} s | {g['speedup']:.2f}x | {bounds} | "
+                    f"{'bit-identical' if g['weights_identical'] else 'DIFFERENT'} |")
+    for g in d["gradual"]:  # where the time goes: the epochs that start a phase probe and build a cache
+        per = g["epochs"] // 3
+        starts = [0, per, 2 * per]
+        off, on = g["off"]["epoch_s"], g["auto"]["epoch_s"]
+        rest = [i for i in range(len(on)) if i not in starts]
+        rows.append(f"\n{g['model']}, gradual: the 3 epochs that start a phase (probe and cache build) took "
+                    f"{sum(on[i] for i in starts):.1f} s cached vs {sum(off[i] for i in starts):.1f} s uncached; the "
+                    f"other {len(rest)} epochs {sum(on[i] for i in rest):.1f} s vs {sum(off[i] for i in rest):.1f} s.")
+    ideal_ok = [r for r in served if r["cached_over_ideal"] <= 1.15]
+    fast = [g for g in d["gradual"] if g["speedup"] >= 1.5]
+    worst = max((r["cached_over_ideal"] for r in served), default=float("nan"))
+    load = d.get("load_average_at_start")
+    return "\n".join(rows) + (
+        f"\n\nGoal *within 1.15x of the ideal*: **{'met' if len(ideal_ok) == len(served) else 'not met'}** "
+        f"({len(ideal_ok)} of {len(served)} boundaries; worst {worst:.2f}x). Goal *gradual schedule at least 1.5x "
+        f"faster end to end*: **{'met' if len(fast) == len(d['gradual']) else 'not met'}** ({len(fast)} of "
+        f"{len(d['gradual'])} models: " + ", ".join(f"{g['model']} {g['speedup']:.2f}x" for g in d["gradual"]) + "). "
+        f"{d['images']} images, batch 16, {d['size']} px, {d['epochs']} epochs per run, {d['threads']} torch thread"
+        f"{'s' if d['threads'] != 1 else ''}, CPU ({d.get('cpus', '?')} cores shared with other jobs"
+        + (f", load average {load[0]:.1f} at the start" if load else "") + ").")
+
+
+def prefix_cache_sweep_sentence(rows: list) -> str:
+    verdicts = {v: [r for r in rows if r["verdict"] == v] for v in ("served, bit-identical", "refused", "DIFFERENT")}
+    types = sorted({r["model_type"] for r in rows})
+    refused = ", ".join(f"{r['model_type']} ({r['precision']})" for r in verdicts["refused"])
+    return (f"Over {len(types)} tiny model types of `hf_freeze.tiny` that take `pixel_values`, fp32 and bf16 autocast "
+            f"({len(rows)} runs, the first half of the groups below the head frozen and one of them unfrozen after "
+            f"epoch 1), the prefix cache served {len(verdicts['served, bit-identical'])} with bit-identical weights, "
+            f"refused {len(verdicts['refused'])}" + (f" ({refused})" if refused else "")
+            + f", and {len(verdicts['DIFFERENT'])} differed (`benchmarks/prefix_cache.py --sweep`, "
+            "`benchmarks/results/prefix_cache_sweep_cpu.json`).")
+
+
 STEP_ROWS = [
     ("inference", "inference forward (eval, no_grad); starred: against the reference, the same operation"),
     ("step", "head-only training step, model compute only (no Trainer)"),
@@ -577,6 +636,8 @@ RENDERERS: dict[str, tuple[str, Callable]] = {
     "step-speed": (None, step_speed_table),
     "mixed-precision": ("mixed_precision", mixed_precision_summary),
     "readme-mixed-precision": ("mixed_precision", mixed_precision_summary),
+    "readme-prefix-cache": ("prefix_cache", prefix_cache_table),
+    "readme-prefix-cache-sweep": ("prefix_cache_sweep", prefix_cache_sweep_sentence),
 }
 
 

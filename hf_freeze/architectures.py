@@ -36,6 +36,8 @@ class Layout:
     input_issue: str | None = None
     #: set when the model is not an image classifier at all: layer_groups() refuses it
     not_a_classifier: str | None = None
+    #: why the frozen-prefix cache cannot run this model from a stage output (None: the probe decides)
+    prefix_issue: str | None = None
     source: str = "table"
     #: the Linear layer(s) mapping features to logits, where a task-specific head goes (see the module docstring)
     classifier: tuple[str, ...] = ("classifier",)

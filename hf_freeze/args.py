@@ -19,6 +19,7 @@ from .checks import model_source_problem, policy_problems, schedule_problems, un
 from .errors import FreezePolicyError
 from .feature_cache import MODES
 from .policy import FreezePolicy
+from .prefix_cache import parse_size
 
 
 def with_flags(*configs):
@@ -59,6 +60,10 @@ class FreezeArguments:
                 "where unsafe), 'off'."})
     feature_cache_dir: str | None = field(default=None, metadata={
         "help": "Folder of the on-disk feature cache (default: $HF_FREEZE_CACHE/features or ~/.cache/hf_freeze/features)."})
+    feature_cache_max_memory: str | None = field(default=None, metadata={
+        "help": "Most memory a frozen-prefix cache may take ('4GB', '512MiB', bytes; default: half the memory "
+                "available when it is planned). Above it, 'auto' writes the cache to a memory-mapped file under "
+                "--feature_cache_dir (deleted when dropped), 'memory' refuses it, 'disk' writes it anyway."})
     freeze_policy_file: str | None = field(default=None, metadata={
         "help": "Read the whole policy from a freeze_policy.json (file or folder) instead of the flags above."})
 
@@ -73,6 +78,10 @@ class FreezeArguments:
         problems = []
         if self.feature_cache not in MODES:
             problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
+        try:
+            parse_size(self.feature_cache_max_memory)
+        except FreezePolicyError as e:
+            problems.append(str(e))
         if self.freeze_policy_file:
             given = [f"--{flag}" for flag in self.given_flags()]
             if given:

@@ -73,8 +73,9 @@ BATCH_KEYS = {"pixel_values", "labels"}
 #: batch's last example is checked at many more positions
 TAIL_MULTIPLE = 32
 #: config entries that only the head (or bookkeeping) reads: a change of labels keeps the cached features
-HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "hf_freeze_head", "_name_or_path",
-                    "transformers_version", "architectures", "finetuning_task"}
+HEAD_ONLY_CONFIG = {"id2label", "label2id", "num_labels", "problem_type", "freeze_policy", "hf_freeze_head",
+                    "_name_or_path", "transformers_version", "architectures", "finetuning_task",
+                    "dtype", "torch_dtype"}  # written by save_pretrained; the tensors' own dtypes are digested
 _MEMORY: dict[str, FeatureCache] = {}  # the in-process cache, most recently stored last
 MEMORY_ENTRIES = 4  # older entries are dropped (each holds a dataset's features, maybe on the GPU)
 
@@ -114,18 +115,25 @@ def policy_refusal(model: nn.Module) -> str | None:
     trainable = state.trainable_below_head()
     if trainable:
         return f"group(s) {trainable} below the head are trainable, so backbone features change every step"
+    found = backbone_module(model)
+    if found is None:
+        return model_refusal(model, state, [], "the backbone") or (
+            "the backbone is not one module separate from the head (the head lives inside it, or it is split)")
+    name, backbone = found
+    return model_refusal(model, state, [*backbone.parameters(), *backbone.buffers()], name)
+
+
+def model_refusal(model: nn.Module, state, tensors: list[torch.Tensor], where: str) -> str | None:
+    """What in the policy or the model rules out caching the output of the frozen part ``where`` (whose parameters
+    and buffers are ``tensors``); both caches check this (:mod:`hf_freeze.prefix_cache` too)."""
     if state.policy.train_bn:
         return "train_bn=True: frozen BatchNorm layers update their statistics in every forward pass"
     if getattr(state.policy, "adapter", None) is not None or peft_wrappers(model):
-        return "adapters (PEFT) train inside the backbone, so its features change every step"
-    found = backbone_module(model)
-    if found is None:
-        return "the backbone is not one module separate from the head (the head lives inside it, or it is split)"
-    name, backbone = found
-    if any(t.is_meta for t in (*backbone.parameters(), *backbone.buffers())):
-        return f"{name} has weights on the meta device (offloaded by device_map), which cannot be digested"
-    if len({t.device for t in (*backbone.parameters(), *backbone.buffers())}) > 1:
-        return f"{name} is spread over several devices (device_map)"
+        return f"adapters (PEFT) train inside {where}, so its output changes every step"
+    if any(t.is_meta for t in tensors):
+        return f"{where} has weights on the meta device (offloaded by device_map), which cannot be digested"
+    if len({t.device for t in tensors}) > 1:
+        return f"{where} is spread over several devices (device_map)"
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return "a module is compiled (module.compile()): compiled kernels may round differently from the eager pass"
     return None
@@ -520,7 +528,7 @@ class FeatureCache:
         device = next(backbone.parameters()).device
         model_type = getattr(getattr(inner, "config", None), "model_type", None) or type(inner).__name__
         prefix = f"{model_type}-{model_key(inner, plan, device, size)[:20]}"
-        folder = Path(cache_dir) if cache_dir else default_dir()
+        folder = cache_folder(cache_dir)
         known = [k for k in _MEMORY if k.startswith(prefix)]
         if mode == "disk" and folder.is_dir():
             clean_stale_temps(folder)
@@ -580,9 +588,17 @@ def _remember(cache: FeatureCache) -> None:
 def model_key(inner: nn.Module, plan: Plan, device: torch.device, size: int) -> str:
     """Digest of everything but the data that determines the cached features, taken now."""
     backbone = getattr(inner, plan.backbone)
-    return combined(digests(dict((*backbone.named_parameters(), *backbone.named_buffers()))),
-                    FORMAT, f"{type(inner).__module__}.{type(inner).__qualname__}", plan.backbone, torch.__version__,
-                    device.type, plan.autocast, size, ",".join(plan.fields), _config_digest(inner))
+    return weights_key(inner, dict((*backbone.named_parameters(), *backbone.named_buffers())), FORMAT, plan.backbone,
+                       device, plan.autocast, size, ",".join(plan.fields))
+
+
+def weights_key(inner: nn.Module, tensors: dict[str, torch.Tensor], fmt: str, module: str, device: torch.device,
+                autocast: str, *parts) -> str:
+    """The model side of a cache key (both caches key through here, :mod:`hf_freeze.prefix_cache` too): the digests
+    of ``tensors`` (what computes the cached output of ``module``), the model's class and config, torch, device,
+    autocast and the cache's own ``parts``."""
+    return combined(digests(tensors), fmt, f"{type(inner).__module__}.{type(inner).__qualname__}", module,
+                    torch.__version__, device.type, autocast, *parts, _config_digest(inner))
 
 
 def _data_pass(model, backbone, plan: Plan, size: int, fetch, prepare, *, compute: bool, progress: bool):
@@ -615,6 +631,11 @@ def _data_pass(model, backbone, plan: Plan, size: int, fetch, prepare, *, comput
 
 
 # =========================================================================== on disk
+
+def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
+    """The folder on-disk caches go to (both caches): ``feature_cache_dir``, else :func:`default_dir`."""
+    return Path(cache_dir) if cache_dir else default_dir()
+
 
 def default_dir() -> Path:
     return Path(os.environ.get("HF_FREEZE_CACHE", Path.home() / ".cache" / "hf_freeze")) / "features"
@@ -762,15 +783,20 @@ class FeatureCacheTrainerMixin:
         return stack
 
     # ------------------------------------------------------------------ deciding
-    def _feature_cache_check(self) -> tuple[str | None, Plan | None]:
-        reason = policy_refusal(self.model) or setup_refusal(
+    def _cache_refusal(self) -> str | None:
+        """The checks both caches make before probing (the arguments, the Trainer subclass, the dataset and its
+        collator): :mod:`hf_freeze.prefix_cache` calls this too, so a check added here guards both."""
+        reason = setup_refusal(
             self.args, compiled=any(hasattr(m, "_orig_mod") for m in (self.model, self.model_wrapped)),
             sharded="FSDP" if self.is_fsdp_enabled else "DeepSpeed" if self.is_deepspeed_enabled else None,
             custom_loss=self.compute_loss_func is not None) or self._override_refusal()
         if reason:
-            return reason, None
+            return reason
         self._feature_cache_source = None
-        reason = dataset_refusal(self.train_dataset, self._real_batch)
+        return dataset_refusal(self.train_dataset, self._real_batch)
+
+    def _feature_cache_check(self) -> tuple[str | None, Plan | None]:
+        reason = policy_refusal(self.model) or self._cache_refusal()
         if reason:
             return reason, None
         n, size = len(self.train_dataset), self._train_batch_size
@@ -837,7 +863,7 @@ class FeatureCacheTrainerMixin:
         plan = self._feature_cache_plan
         if plan is None or get_state(model).trainable_below_head():
             if plan is not None:
-                logger.info("hf_freeze: a group below the head trains now: batches come from the real examples again")
+                logger.info("hf_freeze: a group below the head trains now: the linear-probe cache stops")
             if plan is not None and self.feature_cache_info:
                 self.feature_cache_info["stopped_at_step"] = self.state.global_step
             self.feature_cache, self._feature_cache_plan, self._feature_cache_sizes = None, None, {}

@@ -43,12 +43,13 @@ from .names import peft_wrappers, unwrap_model
 from .param_groups import freeze_param_groups
 from .plan import Timing, resolve
 from .policy import FreezePolicy
+from .prefix_cache import PrefixCacheTrainerMixin
 from .state import get_state
 
 logger = get_logger(__name__)
 
 
-class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
+class FreezeTrainerMixin(PrefixCacheTrainerMixin):
     """Mix into any ``Trainer`` subclass: ``class MyTrainer(FreezeTrainerMixin, Trainer)``.
 
     ``freeze_policy``: a FreezePolicy, dict or policy string; default: the one carried by

@@ -14,7 +14,7 @@ once with its path features, once as the reference (cache off, no interruption, 
 ``REFUSED`` lists the combinations that are refused, each with the reason it must give; ``EXTRAS`` adds
 torch.compile, gradient checkpointing, a model loaded in bfloat16 and a timm model with drop-path, once each.
 Where ``cache='auto'`` could serve (a head-only phase left to train, no train_bn, no adapter), the test also
-checks that it did, so the equality is not vacuous. Figures: 11 + 4 cells, all equal to their reference; 3
+checks that it did, so the equality is not vacuous; likewise the frozen-prefix cache after an unfreeze event. Figures: 11 + 4 cells, all equal to their reference; 3
 combinations refused (an adapter with an epoch, step or mixed unfreeze schedule).
 """
 
@@ -156,6 +156,11 @@ def test_cell_equals_the_plain_path(cell, base_dir, tmp_path):
         start = 4 if cell["resume"] else 0
         could = first_unfreeze > start and not cell["train_bn"] and not cell["adapter"]
         assert (t.feature_cache_info.get("served_steps", 0) > 0) == could, (t.feature_cache_refusal, t.feature_cache_info)
+        # after an unfreeze the frozen prefix (stem and stage.0) is cached instead, unless train_bn/an adapter rule it out
+        prefix = cell["schedule"] != "none" and not cell["train_bn"] and not cell["adapter"]
+        assert any(i["served_steps"] > 0 for i in t.prefix_cache_info) == prefix, t.prefix_cache_refusal
+        if cell["train_bn"]:
+            assert "train_bn=True" in t.prefix_cache_refusal
 
     got, want = trained_tensors(t), trained_tensors(ref)
     assert sorted(got) == sorted(want)

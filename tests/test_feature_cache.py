@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import hf_freeze
-from hf_freeze import FreezePolicyError, FreezeTrainer
+from hf_freeze import FreezePolicyError, FreezeTrainer, prefix_cache
 from hf_freeze import feature_cache as fc
 
 UNFREEZE = "freeze=backbone;unfreeze=epoch1:1"  # head only for epoch 0, then stage.1 trains too
@@ -21,8 +21,10 @@ UNFREEZE = "freeze=backbone;unfreeze=epoch1:1"  # head only for epoch 0, then st
 @pytest.fixture(autouse=True)
 def fresh_memory():
     fc._MEMORY.clear()  # each test starts like a new process
+    prefix_cache._MEMORY.clear()
     yield
     fc._MEMORY.clear()
+    prefix_cache._MEMORY.clear()
 
 
 def train(tmp_path, mode, model=None, policy="backbone", dataset=None, trainer_cls=FreezeTrainer, name=None,
@@ -141,7 +143,11 @@ STATIC = {  # policy, arguments, dataset, Trainer
 }
 
 
-@pytest.mark.parametrize("case", [*PROBED, *STATIC])
+#: refused by the linear-probe cache, served by the frozen-prefix cache (tests/test_prefix_cache.py) up to this module
+PREFIX_SERVES = {"vit_attention_dropout": "vit.embeddings", "trainable_group": "resnet.embedder"}
+
+
+@pytest.mark.parametrize("case", [c for c in [*PROBED, *STATIC] if c not in PREFIX_SERVES])
 def test_unsafe_cases_are_refused_before_anything_changes(tmp_path, case):
     if case in PROBED:
         make, reason = PROBED[case]
@@ -159,6 +165,16 @@ def test_unsafe_cases_are_refused_before_anything_changes(tmp_path, case):
     assert "feature_cache='off'" in str(err.value)
     after = snapshot(model)  # refused before the first step (an adapter renames the wrapped layers' tensors)
     assert differing({n: t for n, t in before.items() if n in after}, after) == []
+
+
+@pytest.mark.parametrize("case", list(PREFIX_SERVES))
+def test_where_the_head_cache_is_refused_a_frozen_prefix_may_serve(tmp_path, case):
+    """``memory`` asks for a cache: the linear-probe cache is refused (and says why), the prefix cache serves."""
+    setup = {"model": PROBED[case][0]()} if case in PROBED else {**STATIC[case][0], "model": tiny_model("resnet", seed=2)}
+    reason = (PROBED.get(case) or STATIC[case])[1]
+    on, _ = train(tmp_path, "memory", **setup)
+    assert on.feature_cache_info == {} and reason in on.feature_cache_refusal
+    assert [i["boundary"] for i in on.prefix_cache_info] == [PREFIX_SERVES[case]]
 
 
 @pytest.mark.parametrize("case", ["vit_attention_dropout", "augmentation"])
@@ -198,11 +214,13 @@ def test_resumed_run_equals_the_uninterrupted_one_and_never_poisons_the_disk_cac
     kw = dict(policy=UNFREEZE, save_strategy="steps", save_steps=2, feature_cache_dir=str(cache))
     full, w_full = train(tmp_path, "disk", name="full", **kw)
     files = sorted(cache.glob("*.safetensors"))
-    assert len(files) == 1 and full.feature_cache_info["key"] in files[0].name
+    # the linear-probe cache's file, and the frozen-prefix cache's after the unfreeze (tests/test_prefix_cache.py)
+    assert len(files) == 2 and full.feature_cache_info["key"] in {f.name.removesuffix(".safetensors") for f in files}
     train(tmp_path, "disk", name="cut", callbacks=[StopAt(4)], **kw)
     out = tmp_path / "cut" / "out"
     for step, served in ((2, 1), (4, None)):
         fc._MEMORY.clear()  # a new process
+        prefix_cache._MEMORY.clear()
         resumed, w_resumed = train(tmp_path, "disk", name="cut", resume=str(out / f"checkpoint-{step}"), **kw)
         assert differing(w_full, w_resumed) == []
         if served:  # head-only phase: the same features, read back from disk under the same key
