@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 import hf_freeze
 from hf_freeze import FreezePolicyError, FreezeTrainer
 from hf_freeze.groups import unwrap_model
+from hf_freeze.state import get_state
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -635,8 +636,6 @@ def test_ctrl_c_during_the_disk_cache_build_then_train_again_on_the_same_trainer
 
 
 # ----------------------------------------------------------------------------------------------- bad input in combination
-@pytest.mark.xfail(strict=True, reason="BUG: an unfreeze event that can never fire within max_steps is refused when it "
-                   "comes from the arguments (--unfreeze) but accepted silently from FreezeTrainer(freeze_policy=...)")
 def test_never_firing_event_is_refused_from_the_freeze_policy_argument_too(base_dir, tmp_path):
     with pytest.raises(FreezePolicyError):
         hf_freeze.FreezeTrainingArguments(output_dir=str(tmp_path / "x"), max_steps=5, unfreeze="step10:1", use_cpu=True)
@@ -645,13 +644,18 @@ def test_never_firing_event_is_refused_from_the_freeze_policy_argument_too(base_
         t.train()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: freeze flags in FreezeTrainingArguments and a different freeze_policy= "
-                   "are both accepted; the flags are silently ignored (and saved in training_args.bin), unlike "
-                   "--freeze_policy_file with flags, which is refused")
 def test_conflicting_policy_in_args_and_freeze_policy_argument_is_refused(base_dir, tmp_path):
-    with pytest.raises(FreezePolicyError):
-        FreezeTrainer(model=load_base(base_dir), args=training_args(tmp_path, freeze="stem"),
+    model = load_base(base_dir)
+    before = tensors(model)
+    with pytest.raises(FreezePolicyError, match=r"(?s)freeze_policy='freeze=backbone'.*--freeze stem.*give the policy once"):
+        FreezeTrainer(model=model, args=training_args(tmp_path, freeze="stem"),
                       train_dataset=TinyImages(n=32), freeze_policy="backbone")
+    assert get_state(model) is None and differing(tensors(model), before) == []
+    assert not (tmp_path / "out").exists()
+    # the same policy given twice is one policy: accepted
+    t = FreezeTrainer(model=load_base(base_dir), args=training_args(tmp_path, freeze="stem"),
+                      train_dataset=TinyImages(n=32), freeze_policy="freeze=stem")
+    assert t.freeze_policy == hf_freeze.FreezePolicy.coerce("freeze=stem")
 
 
 def test_layer_lr_decay_lr_scales_cosine_warmup_resume_and_cache(base_dir, tmp_path):
