@@ -17,8 +17,8 @@ from ._logging import get_logger
 from .adapters import add_adapter
 from .args import policy_from_fields
 from .callback import FreezeCallback
-from .checks import schedule_problems
 from .checkpoints import last_complete_checkpoint
+from .checks import schedule_problems
 from .delta import apply_delta, apply_delta_restoring_base, save_adapter_base, save_delta
 from .distributed import check_model_data
 from .errors import FreezePolicyError

@@ -223,9 +223,6 @@ def test_user_frozen_head_parameter_stays_frozen_with_an_adapter(base_dir, tmp_p
     assert identical(used.detach(), bias)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_delta leaves out a user-frozen tensor that is not the base's "
-                   "(a newly initialised head): the run saves fine, but the final delta (and every checkpoint) "
-                   "cannot be loaded, BaseModelChanged")
 def test_delta_with_a_user_frozen_new_head_tensor_reloads(base_dir, tmp_path):
     model = load_base(base_dir, num_labels=5, ignore_mismatched_sizes=True)  # new head, random init
     model.classifier[1].bias.requires_grad_(False)
@@ -236,9 +233,6 @@ def test_delta_with_a_user_frozen_new_head_tensor_reloads(base_dir, tmp_path):
     assert differing(tensors(reloaded), tensors(t.model)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_delta on a base checkpoint with a missing (newly initialised) "
-                   "backbone weight: frozen, fingerprinted, left out of the delta, so the saved delta can never be "
-                   "loaded again (BaseModelChanged) and the trained model is lost")
 def test_delta_on_a_base_with_a_missing_backbone_weight_reloads_or_is_refused(base_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -472,8 +466,6 @@ def test_unfreeze_bn_with_save_delta_and_load_best_from_before_the_unfreeze(base
 
 
 # ----------------------------------------------------------------------------------------------- crash while saving
-@pytest.mark.xfail(strict=True, reason="BUG: save_model with save_delta removes the full model already in the folder "
-                   "before writing the delta; a failing write (disk full) leaves the folder with no model at all")
 def test_failed_delta_save_keeps_the_model_already_in_the_folder(base_dir, tmp_path, monkeypatch):
     import errno
 
