@@ -18,7 +18,7 @@ from .adapter_plan import check_wrapped, resolve_adapter
 from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, digests
 from .groups import LayerGroups, layer_groups
-from .names import COPY, ModelNames, peft_wrappers, unwrap_model
+from .names import ADAPTER, COPY, ModelNames, peft_wrappers, unwrap_model
 from .plan import FreezePlan, resolve
 from .policy import FreezePolicy
 from .report import freeze_report
@@ -42,8 +42,7 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     _check_quantized(names.base_parameters(model), groups, plan)
     adapter = _check_adapter(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
-    # with an adapter PEFT has frozen every pretrained parameter itself, and all of them stay frozen anyway
-    user_frozen = set() if adapter is not None else {n for n, p in names.base_parameters(model) if not p.requires_grad}
+    user_frozen = _user_frozen(model, names, adapter is not None)
     state = FreezeState(policy, plan, groups,
                         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
                         adapter=adapter, user_frozen=user_frozen, names=names)
@@ -51,6 +50,21 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     set_frozen(model, plan.frozen_params)
     state.applied_fingerprint = Fingerprint(dict(state.fingerprint.digests))
     return freeze_report(model)
+
+
+def _user_frozen(model: nn.Module, names: ModelNames, adapter: bool) -> set[str]:
+    """Base names of the parameters the user froze by hand (``requires_grad=False`` before the policy).
+
+    With an adapter PEFT has frozen every pretrained parameter itself (all stay frozen anyway) and made the trained
+    copies (``modules_to_save``) trainable along with the adapter weights: a copy frozen while the adapter trains was
+    frozen by the user (:func:`hf_freeze.add_adapter` carries a flag set before wrapping over to the copy).
+    """
+    if not adapter:
+        return {n for n, p in names.base_parameters(model) if not p.requires_grad}
+    peft = names.peft_parameters(model)
+    if not any(p.requires_grad for _, _, role, p in peft if role == ADAPTER):
+        return set()  # loaded for inference (is_trainable=False): PEFT froze everything
+    return {base for _, base, role, p in peft if role == COPY and not p.requires_grad}
 
 
 QUANTIZED_PARAM_CLASSES = ("Params4bit", "Int8Params")  # bitsandbytes: quantized even with a float storage dtype

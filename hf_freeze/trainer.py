@@ -102,7 +102,8 @@ class FreezeTrainerMixin(fc.FeatureCacheTrainerMixin):
             cls, kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
                            else self.get_optimizer_cls_and_kwargs(self.args, opt_model))
             kwargs = dict(kwargs)
-            groups = freeze_param_groups(opt_model, state, kwargs.pop("lr", self.args.learning_rate), self.args.weight_decay)
+            groups = freeze_param_groups(opt_model, state, kwargs.pop("lr", self.args.learning_rate), self.args.weight_decay,
+                                         decay=set(self.get_decay_parameter_names(opt_model)))  # as the Trainer decays
             self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
         return super().create_optimizer(model)
 

@@ -209,8 +209,6 @@ def test_cache_after_changing_a_parameterless_backbone_module_equals_off(base_di
 
 
 # ----------------------------------------------------------------------------------------------- user-frozen parameters
-@pytest.mark.xfail(strict=True, reason="BUG: with an adapter policy a head parameter the user froze trains anyway: "
-                   "PEFT's modules_to_save copy of the head is trainable and user_frozen is left empty")
 def test_user_frozen_head_parameter_stays_frozen_with_an_adapter(base_dir, tmp_path):
     model = load_base(base_dir)
     model.classifier[1].bias.requires_grad_(False)
@@ -311,9 +309,6 @@ def test_events_count_optimizer_updates_under_gradient_accumulation(base_dir, tm
 
 
 # ----------------------------------------------------------------------------------------------- plain Trainer, eval-only
-@pytest.mark.xfail(strict=True, reason="BUG (undocumented difference): FreezeTrainer puts BatchNorm/GroupNorm weights "
-                   "in no-decay groups, the Trainer decays them: with a policy that needs no per-group LRs, FreezeTrainer "
-                   "and Trainer + FreezeCallback train differently (equal with weight_decay=0)")
 def test_freeze_trainer_equals_plain_trainer_with_the_callback(base_dir, tmp_path):
     from transformers import Trainer
 
