@@ -2,8 +2,9 @@
 
 A delta folder holds ``config.json`` (the fine-tuned config, policy included), ``freeze_delta.safetensors``
 (every tensor of the state dict that is *not* a still-frozen, fingerprinted tensor of the base: the head,
-unfrozen groups, BatchNorm statistics that kept updating, frozen tensors the base checkpoint does not hold) and ``freeze_delta.json`` (:class:`DeltaManifest`: the base
-model's repo id or folder, its revision, and the fingerprint of the frozen tensors).
+unfrozen groups, BatchNorm statistics that kept updating, frozen tensors the base checkpoint does not hold) and
+``freeze_delta.json`` (:class:`DeltaManifest`: the base model's repo id or folder, its revision, and the
+fingerprint of the frozen tensors).
 
     hf_freeze.save_delta(model, "out")                 # after training with a policy applied
     model = hf_freeze.from_pretrained("user/my-model")  # loads the base, checks the fingerprint, applies the delta
