@@ -25,7 +25,7 @@ from .errors import FreezePolicyError
 from .folder import POLICY_FILE, write_policy
 from .groups import layer_groups
 from .heads import check_head, install_head
-from .names import peft_wrappers, unwrap_model
+from .names import COPY, ModelNames, peft_wrappers, unwrap_model
 from .plan import resolve
 from .policy import FreezePolicy
 from .state import require_state
@@ -78,7 +78,11 @@ def add_adapter(model: nn.Module, policy=None):
         groups = layer_groups(base)
         adapter_plan = resolve_adapter(policy, groups, resolve(policy, groups), base)
     remove_policy(base)  # a policy applied before starts over, as apply_policy does
+    user_frozen = {n for n, p in base.named_parameters() if not p.requires_grad}
     wrapped = get_peft_model(base, adapter_plan.peft_config())
+    for _, name, role, p in ModelNames.of(wrapped).peft_parameters(wrapped):
+        if role == COPY and name in user_frozen:  # PEFT made the copy trainable: the user's requires_grad=False wins
+            p.requires_grad_(False)
     expose_conv_geometry(wrapped)
     apply_policy(wrapped, policy)
     return wrapped

@@ -19,7 +19,7 @@ from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, digests
 from .groups import LayerGroups, layer_groups
 from .heads import check_head, install_head, installed_head
-from .names import COPY, ModelNames, peft_wrappers, unwrap_model
+from .names import ADAPTER, COPY, ModelNames, peft_wrappers, unwrap_model
 from .plan import FreezePlan, resolve
 from .policy import FreezePolicy
 from .report import freeze_report
@@ -49,8 +49,7 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
         groups = layer_groups(model)
         plan = resolve(policy, groups)
         names = ModelNames.of(model)
-    # with an adapter PEFT has frozen every pretrained parameter itself, and all of them stay frozen anyway
-    user_frozen = set() if adapter is not None else {n for n, p in names.base_parameters(model) if not p.requires_grad}
+    user_frozen = _user_frozen(model, names, adapter is not None)
     state = FreezeState(policy, plan, groups,
                         original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
                         adapter=adapter, user_frozen=user_frozen, names=names)
@@ -78,6 +77,21 @@ def _check_head_trains(policy: FreezePolicy, groups: LayerGroups, plan: FreezePl
         raise FreezePolicyError(f"policy {policy.to_string()!r} freezes the head ({sorted(frozen)[:3]}), but head="
                                 f"{policy.head.to_string()!r} is a new head trained from random weights; leave the "
                                 "'head' group out of freeze=")
+
+
+def _user_frozen(model: nn.Module, names: ModelNames, adapter: bool) -> set[str]:
+    """Base names of the parameters the user froze by hand (``requires_grad=False`` before the policy).
+
+    With an adapter PEFT has frozen every pretrained parameter itself (all stay frozen anyway) and made the trained
+    copies (``modules_to_save``) trainable along with the adapter weights: a copy frozen while the adapter trains was
+    frozen by the user (:func:`hf_freeze.add_adapter` carries a flag set before wrapping over to the copy).
+    """
+    if not adapter:
+        return {n for n, p in names.base_parameters(model) if not p.requires_grad}
+    peft = names.peft_parameters(model)
+    if not any(p.requires_grad for _, _, role, p in peft if role == ADAPTER):
+        return set()  # loaded for inference (is_trainable=False): PEFT froze everything
+    return {base for _, base, role, p in peft if role == COPY and not p.requires_grad}
 
 
 QUANTIZED_PARAM_CLASSES = ("Params4bit", "Int8Params")  # bitsandbytes: quantized even with a float storage dtype

@@ -1,9 +1,10 @@
 """Delta checkpoints: save only the tensors that were trained, rebuild the full model from its base.
 
 A delta folder holds ``config.json`` (the fine-tuned config, policy included), ``freeze_delta.safetensors``
-(every tensor of the state dict that is *not* a still-frozen, fingerprinted tensor: the head, unfrozen
-groups, BatchNorm statistics that kept updating) and ``freeze_delta.json`` (:class:`DeltaManifest`: the base
-model's repo id or folder, its revision, and the fingerprint of the frozen tensors).
+(every tensor of the state dict that is *not* a still-frozen, fingerprinted tensor of the base: the head,
+unfrozen groups, BatchNorm statistics that kept updating, frozen tensors the base checkpoint does not hold) and
+``freeze_delta.json`` (:class:`DeltaManifest`: the base model's repo id or folder, its revision, and the
+fingerprint of the frozen tensors).
 
     hf_freeze.save_delta(model, "out")                 # after training with a policy applied
     model = hf_freeze.from_pretrained("user/my-model")  # loads the base, checks the fingerprint, applies the delta
@@ -41,7 +42,7 @@ from .folder import (
     is_adapter,
     is_delta,
     record_in_config,
-    remove_weights,
+    staged,
     write_policy,
 )
 from .heads import install_head, installed_head, with_head
@@ -119,14 +120,37 @@ class DeltaManifest:
 
 # --------------------------------------------------------------------------- what goes into a delta
 def delta_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The state-dict tensors that are not still-frozen fingerprinted tensors (contiguous CPU copies).
+    """The state-dict tensors that are not frozen tensors of the base (contiguous CPU copies): what a delta holds.
 
     ``state_dict``: one already gathered (the Trainer passes it for sharded models); default ``model.state_dict()``.
     """
     model = unwrap_model(model)
-    frozen = require_state(model).fingerprint.digests
+    from_base = frozen_from_base(model)
     source = model.state_dict() if state_dict is None else state_dict
-    return {n: t.detach().cpu().contiguous() for n, t in source.items() if n not in frozen}
+    return {n: t.detach().cpu().contiguous() for n, t in source.items() if n not in from_base}
+
+
+#: set on the tensors :func:`apply_delta` writes: their values are the delta's, not the base checkpoint's
+FROM_DELTA = "_hf_freeze_from_delta"
+
+
+def not_from_checkpoint(model: nn.Module) -> set[str]:
+    """State-dict names whose values the base checkpoint does not hold: tensors ``from_pretrained`` initialised anew
+    (missing from the checkpoint, or resized by ``ignore_mismatched_sizes``: transformers marks the tensors it read
+    with ``_is_hf_initialized``), tensors added after loading and tensors a delta wrote (:func:`apply_delta`).
+
+    Empty when no tensor carries the mark (a model built from its config, or sharded after loading): then every
+    frozen tensor is taken to be the base's, and :func:`apply_delta` checks that against the fingerprint.
+    """
+    tensors = unwrap_model(model).state_dict(keep_vars=True)
+    read = {n for n, t in tensors.items() if getattr(t, "_is_hf_initialized", False) and not getattr(t, FROM_DELTA, False)}
+    return set(tensors) - read if read else set()
+
+
+def frozen_from_base(model: nn.Module) -> set[str]:
+    """The frozen, fingerprinted tensors a delta leaves out: those the base checkpoint holds. A frozen tensor it
+    does not hold (a new head the user froze, a weight missing from the base checkpoint) goes into the delta."""
+    return set(require_state(model).fingerprint.digests) - not_from_checkpoint(model)
 
 
 def base_reference(model: nn.Module, base_model: str | None = None, base_revision: str | None = None) -> tuple[str, str | None]:
@@ -189,20 +213,18 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
     verify_frozen(model, "before saving a delta checkpoint", state_dict=state_dict)
     base, revision = base_reference(model, base_model, base_revision)
     tensors = delta_state_dict(model, state_dict)
-    frozen = state.fingerprint.digests
+    frozen = {n: d for n, d in state.fingerprint.digests.items() if n not in tensors}
     dtypes = {str(t.dtype).removeprefix("torch.") for n, t in named_tensors(model).items() if n in frozen and t.is_floating_point()}
-    manifest = DeltaManifest(base, revision, dict(frozen), sorted(tensors), dtype=",".join(sorted(dtypes)) or "float32")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_weights(out, FULL_WEIGHTS)
-    save_file(tensors, out / DELTA_WEIGHTS, metadata={"format": "pt", "hf_freeze": DELTA_FORMAT,
-                                                     "base_model": base, "fingerprint": manifest.fingerprint})
-    manifest.save(out)
-    write_policy(out, state.policy)
+    manifest = DeltaManifest(base, revision, frozen, sorted(tensors), dtype=",".join(sorted(dtypes)) or "float32")
     config = getattr(model, "config", None)
-    if save_config and config is not None:
-        record_in_config(config, state.policy)
-        config.save_pretrained(out)
+    with staged(Path(output_dir), replaces=FULL_WEIGHTS) as tmp:  # a failed write leaves the folder as it was
+        save_file(tensors, tmp / DELTA_WEIGHTS, metadata={"format": "pt", "hf_freeze": DELTA_FORMAT,
+                                                         "base_model": base, "fingerprint": manifest.fingerprint})
+        manifest.save(tmp)
+        write_policy(tmp, state.policy)
+        if save_config and config is not None:
+            record_in_config(config, state.policy)
+            config.save_pretrained(tmp)
     return manifest
 
 
@@ -259,6 +281,10 @@ def apply_delta(model: nn.Module, folder: str | os.PathLike, manifest: DeltaMani
         result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         result = model.load_state_dict(tensors, strict=False)
+    live = model.state_dict(keep_vars=True)
+    for name in tensors:  # their values are no longer the base's: a later delta must carry them
+        if name in live:
+            setattr(live[name], FROM_DELTA, True)
     uncovered = set(model.state_dict()) - set(tensors) - set(manifest.frozen_digests)
     if result.unexpected_keys or uncovered:
         raise ValueError(f"delta in {folder} does not fit {type(model).__name__}: unexpected "

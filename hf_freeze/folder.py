@@ -10,8 +10,12 @@ policy under ``freeze_policy`` in ``config.json``. Every save path writes the po
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 #: the freeze policy of the folder (``FreezePolicy.to_json``)
@@ -202,3 +206,22 @@ def remove_weights(folder: Path, names) -> list[str]:
         path.unlink()
         removed.append(name)
     return removed
+
+
+@contextlib.contextmanager
+def staged(folder: Path, replaces=()) -> Iterator[Path]:
+    """Write a checkpoint into a temporary folder inside ``folder``; swap it in only when every write succeeded.
+
+    On success its files replace those of the same name in ``folder``, then the weight files ``replaces`` names (another
+    checkpoint kind) are removed; on failure (disk full, ...) ``folder`` keeps what it held. The temporary folder
+    is removed either way.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf_freeze-saving-", dir=folder))
+    try:
+        yield tmp
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, folder / path.name)
+        remove_weights(folder, replaces)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

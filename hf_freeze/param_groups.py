@@ -10,18 +10,20 @@ groups hold the adapter weights and trained copies of each layer group.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .adapter_plan import adapter_params_by_group
 
+#: ``Trainer.get_decay_parameter_names`` (transformers 5.24): no decay on these names and inside ``nn.LayerNorm``
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _NormBase)
+NO_DECAY_TYPES = (nn.LayerNorm,)
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names that get weight decay: not biases, not any normalisation layer (BatchNorm included, by type)."""
-    return set(get_parameter_names(model, list(NORM_TYPES), NO_DECAY_PATTERNS))
+    """Names that get weight decay by the Trainer's default rule: not biases, not LayerNorm/RMSNorm; BatchNorm and
+    GroupNorm weights do get it, as in a plain ``Trainer``. ``FreezeTrainer`` asks its own
+    ``get_decay_parameter_names`` instead (a subclass may override it)."""
+    return set(get_parameter_names(model, list(NO_DECAY_TYPES), NO_DECAY_PATTERNS))
 
 
 def ever_trainable(state) -> set[str]:
@@ -31,13 +33,16 @@ def ever_trainable(state) -> set[str]:
     return (all_names - state.frozen) | (later - state.user_frozen)
 
 
-def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: float) -> list[dict]:
+def freeze_param_groups(model: nn.Module, state, base_lr: float, weight_decay: float,
+                        decay: set[str] | None = None) -> list[dict]:
     """Parameter groups for ``torch.optim`` built from the model's :class:`~hf_freeze.apply.FreezeState`.
 
-    Head first: the Trainer logs the first group's learning rate, which is then the base schedule.
+    ``decay``: the parameter names that get weight decay (``Trainer.get_decay_parameter_names``; default
+    :func:`decay_parameter_names`). Head first: the Trainer logs the first group's learning rate, which is then the
+    base schedule.
     """
     params = dict(model.named_parameters())
-    decay = decay_parameter_names(model)
+    decay = decay_parameter_names(model) if decay is None else set(decay)
     members = _members(model, state)
     groups = []
     for g in reversed(state.groups):

@@ -19,6 +19,7 @@ from .adapters import add_adapter
 from .args import FreezeArguments, policy_from_fields
 from .callback import FreezeCallback
 from .checkpoints import check_resume_policy, last_complete_checkpoint
+from .checks import schedule_problems
 from .delta import apply_delta_restoring_base, save_adapter_base, save_delta
 from .distributed import check_model_data
 from .errors import FreezePolicyError
@@ -64,7 +65,7 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         cache_mode = fc.resolve_mode(feature_cache, training_args)
         policy = _pick_policy(freeze_policy, training_args, model)
-        _check_before_init(policy, model)
+        _check_before_init(policy, model, training_args)
         check_model_data(model, policy, training_args)  # before the Trainer moves the model: meta tensors
         if model is not None and not peft_wrappers(unwrap_model(model)):
             install_head(unwrap_model(model), policy.head)  # before the Trainer moves the model and builds the optimizer
@@ -106,7 +107,8 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
             cls, kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
                            else self.get_optimizer_cls_and_kwargs(self.args, opt_model))
             kwargs = dict(kwargs)
-            groups = freeze_param_groups(opt_model, state, kwargs.pop("lr", self.args.learning_rate), self.args.weight_decay)
+            groups = freeze_param_groups(opt_model, state, kwargs.pop("lr", self.args.learning_rate), self.args.weight_decay,
+                                         decay=set(self.get_decay_parameter_names(opt_model)))  # as the Trainer decays
             self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
         return super().create_optimizer(model)
 
@@ -276,23 +278,45 @@ class FreezeTrainer(FreezeTrainerMixin, Trainer):
     """``transformers.Trainer`` + a freeze policy: ``FreezeTrainer(model, args, ..., freeze_policy="backbone")``."""
 
 
-def _check_before_init(policy: FreezePolicy, model) -> None:
-    """What can be checked before the Trainer exists (and creates ``output_dir``): the policy against the model's
-    groups (FreezePolicyError, with "did you mean" where it helps); the feature-cache mode is checked just before."""
+def _check_before_init(policy: FreezePolicy, model, training_args=None) -> None:
+    """What can be checked before the Trainer exists (and creates ``output_dir``): unfreeze events that can never fire
+    within the arguments' ``num_train_epochs``/``max_steps`` (the check ``FreezeTrainingArguments`` runs on its flags,
+    whatever the policy came from) and the policy against the model's groups (FreezePolicyError, with "did you mean"
+    where it helps); the feature-cache mode is checked just before."""
+    if training_args is not None:
+        problems = schedule_problems(policy, getattr(training_args, "num_train_epochs", None),
+                                     getattr(training_args, "max_steps", None))
+        if problems:
+            raise FreezePolicyError("; ".join(problems))
     if model is not None:
         check_head(unwrap_model(model), policy.head)
         resolve(policy, layer_groups(model))
 
 
 def _pick_policy(explicit, training_args, model) -> FreezePolicy:
-    if explicit is not None:
-        return FreezePolicy.coerce(explicit)
     from_args = getattr(training_args, "freeze_policy", None)
     policy = from_args() if callable(from_args) else None
+    if explicit is not None:
+        explicit = FreezePolicy.coerce(explicit)
+        if policy is not None and policy != explicit:
+            raise FreezePolicyError(
+                f"two different freeze policies: freeze_policy={explicit.to_string()!r} and {policy.to_string()!r} from "
+                f"the training arguments ({_policy_source(training_args)}); give the policy once: drop "
+                "freeze_policy= to use the arguments', or leave the freeze flags of the arguments at their defaults")
+        return explicit
     if policy is not None:
         return policy
     recorded = policy_in_config(getattr(model, "config", None))
     return FreezePolicy() if recorded is None else FreezePolicy.from_dict(recorded)
+
+
+def _policy_source(training_args) -> str:
+    """How the arguments set their policy, in the words of their flags."""
+    if getattr(training_args, "freeze_policy_file", None):
+        return f"--freeze_policy_file {training_args.freeze_policy_file}"
+    given = getattr(training_args, "_given_flags", None)
+    flags = given() if callable(given) else []
+    return ", ".join(f"--{flag} {getattr(training_args, flag)}" for flag in flags) or "freeze flags"
 
 
 __getattr__ = moved_names(__name__, {"policy_from_pretrained": "policy"})

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 import hf_freeze
 from hf_freeze import FreezePolicyError, FreezeTrainer
 from hf_freeze.groups import unwrap_model
+from hf_freeze.state import get_state
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -220,8 +221,6 @@ def test_cache_after_changing_a_parameterless_backbone_module_equals_off(base_di
 
 
 # ----------------------------------------------------------------------------------------------- user-frozen parameters
-@pytest.mark.xfail(strict=True, reason="BUG: with an adapter policy a head parameter the user froze trains anyway: "
-                   "PEFT's modules_to_save copy of the head is trainable and user_frozen is left empty")
 def test_user_frozen_head_parameter_stays_frozen_with_an_adapter(base_dir, tmp_path):
     model = load_base(base_dir)
     model.classifier[1].bias.requires_grad_(False)
@@ -234,9 +233,6 @@ def test_user_frozen_head_parameter_stays_frozen_with_an_adapter(base_dir, tmp_p
     assert identical(used.detach(), bias)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_delta leaves out a user-frozen tensor that is not the base's "
-                   "(a newly initialised head): the run saves fine, but the final delta (and every checkpoint) "
-                   "cannot be loaded, BaseModelChanged")
 def test_delta_with_a_user_frozen_new_head_tensor_reloads(base_dir, tmp_path):
     model = load_base(base_dir, num_labels=5, ignore_mismatched_sizes=True)  # new head, random init
     model.classifier[1].bias.requires_grad_(False)
@@ -247,9 +243,6 @@ def test_delta_with_a_user_frozen_new_head_tensor_reloads(base_dir, tmp_path):
     assert differing(tensors(reloaded), tensors(t.model)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_delta on a base checkpoint with a missing (newly initialised) "
-                   "backbone weight: frozen, fingerprinted, left out of the delta, so the saved delta can never be "
-                   "loaded again (BaseModelChanged) and the trained model is lost")
 def test_delta_on_a_base_with_a_missing_backbone_weight_reloads_or_is_refused(base_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -322,9 +315,6 @@ def test_events_count_optimizer_updates_under_gradient_accumulation(base_dir, tm
 
 
 # ----------------------------------------------------------------------------------------------- plain Trainer, eval-only
-@pytest.mark.xfail(strict=True, reason="BUG (undocumented difference): FreezeTrainer puts BatchNorm/GroupNorm weights "
-                   "in no-decay groups, the Trainer decays them: with a policy that needs no per-group LRs, FreezeTrainer "
-                   "and Trainer + FreezeCallback train differently (equal with weight_decay=0)")
 def test_freeze_trainer_equals_plain_trainer_with_the_callback(base_dir, tmp_path):
     from transformers import Trainer
 
@@ -470,8 +460,6 @@ def test_unfreeze_bn_with_save_delta_and_load_best_from_before_the_unfreeze(base
 
 
 # ----------------------------------------------------------------------------------------------- crash while saving
-@pytest.mark.xfail(strict=True, reason="BUG: save_model with save_delta removes the full model already in the folder "
-                   "before writing the delta; a failing write (disk full) leaves the folder with no model at all")
 def test_failed_delta_save_keeps_the_model_already_in_the_folder(base_dir, tmp_path, monkeypatch):
     import errno
 
@@ -631,8 +619,6 @@ def test_ctrl_c_during_the_disk_cache_build_then_train_again_on_the_same_trainer
 
 
 # ----------------------------------------------------------------------------------------------- bad input in combination
-@pytest.mark.xfail(strict=True, reason="BUG: an unfreeze event that can never fire within max_steps is refused when it "
-                   "comes from the arguments (--unfreeze) but accepted silently from FreezeTrainer(freeze_policy=...)")
 def test_never_firing_event_is_refused_from_the_freeze_policy_argument_too(base_dir, tmp_path):
     with pytest.raises(FreezePolicyError):
         hf_freeze.FreezeTrainingArguments(output_dir=str(tmp_path / "x"), max_steps=5, unfreeze="step10:1", use_cpu=True)
@@ -641,13 +627,18 @@ def test_never_firing_event_is_refused_from_the_freeze_policy_argument_too(base_
         t.train()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: freeze flags in FreezeTrainingArguments and a different freeze_policy= "
-                   "are both accepted; the flags are silently ignored (and saved in training_args.bin), unlike "
-                   "--freeze_policy_file with flags, which is refused")
 def test_conflicting_policy_in_args_and_freeze_policy_argument_is_refused(base_dir, tmp_path):
-    with pytest.raises(FreezePolicyError):
-        FreezeTrainer(model=load_base(base_dir), args=training_args(tmp_path, freeze="stem"),
+    model = load_base(base_dir)
+    before = tensors(model)
+    with pytest.raises(FreezePolicyError, match=r"(?s)freeze_policy='freeze=backbone'.*--freeze stem.*give the policy once"):
+        FreezeTrainer(model=model, args=training_args(tmp_path, freeze="stem"),
                       train_dataset=TinyImages(n=32), freeze_policy="backbone")
+    assert get_state(model) is None and differing(tensors(model), before) == []
+    assert not (tmp_path / "out").exists()
+    # the same policy given twice is one policy: accepted
+    t = FreezeTrainer(model=load_base(base_dir), args=training_args(tmp_path, freeze="stem"),
+                      train_dataset=TinyImages(n=32), freeze_policy="freeze=stem")
+    assert t.freeze_policy == hf_freeze.FreezePolicy.coerce("freeze=stem")
 
 
 def test_layer_lr_decay_lr_scales_cosine_warmup_resume_and_cache(base_dir, tmp_path):

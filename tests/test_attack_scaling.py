@@ -170,14 +170,14 @@ def test_resume_with_accumulation_a_fractional_epoch_event_unfreeze_bn_and_delta
 # =========================================================================== FSDP2 + DDP in two processes
 @pytest.fixture(scope="module")
 def multiproc(tmp_path_factory):
-    """A one-process delta checkpoint (step 3: stage.1 unfrozen at step 2, stage.0 due at step 5), then one torchrun
-    launch of scripts/attack_multiproc.py that also resumes it under DDP."""
+    """A one-process delta checkpoint (step 3 of a 6-step run interrupted there: stage.1 unfrozen at step 2, stage.0
+    due at step 5), then one torchrun launch of scripts/attack_multiproc.py that also resumes it under DDP."""
     out = tmp_path_factory.mktemp("multiproc")
     one = tiny_model("resnet", seed=1)
-    FreezeTrainer(model=one, args=training_args(out / "one", max_steps=3, per_device_train_batch_size=4,
+    FreezeTrainer(model=one, args=training_args(out / "one", max_steps=6, per_device_train_batch_size=4,
                                                 save_strategy="steps", save_steps=3, save_delta=True,
                                                 delta_base_model="tiny-base"),
-                  train_dataset=TinyImages(n=48, seed=3), freeze_policy=SCHEDULE).train()
+                  train_dataset=TinyImages(n=48, seed=3), freeze_policy=SCHEDULE, callbacks=[StopAt(3)]).train()
     checkpoint = out / "one" / "out" / "checkpoint-3"
     torchrun_script("attack_multiproc.py", out, str(checkpoint), SCHEDULE,
                     expect=[f"{p}rank{r}.pt" for p in ("", "ddp_") for r in (0, 1)])

@@ -105,6 +105,56 @@ def test_a_delta_replaces_stale_full_weights_and_vice_versa(tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / DELTA_MANIFEST).exists()
 
 
+def test_frozen_tensors_the_base_checkpoint_lacks_go_into_the_delta(tmp_path):
+    """Left out of a delta are only frozen tensors the base checkpoint holds: a frozen new head (resized, newly
+    initialised), a weight missing from the checkpoint, and tensors a reloaded delta wrote all travel in it."""
+    base_dir, _ = saved_base(tmp_path)
+    cls = type(tiny_model("resnet"))
+    conv = "resnet.encoder.stages.0.layers.0.layer.0.convolution.weight"  # stage.0: frozen below
+    sd = load_file(base_dir / "model.safetensors")
+    del sd[conv]
+    save_file(sd, base_dir / "model.safetensors", metadata={"format": "pt"})
+    model = cls.from_pretrained(base_dir, num_labels=5, ignore_mismatched_sizes=True)
+    model.classifier[1].bias.requires_grad_(False)  # the user froze part of the new head
+    hf_freeze.apply_policy(model, "freeze=stem,stage.0")
+    stage1 = hf_freeze.layer_groups(model)["stage.1"]
+    with torch.no_grad():
+        model.get_parameter(stage1.param_names[0]).add_(0.5)  # "trained"
+    manifest = hf_freeze.save_delta(model, tmp_path / "delta")
+    stored = load_file(tmp_path / "delta" / DELTA_WEIGHTS)
+    trained = {*stage1.param_names, *stage1.buffer_names, "classifier.1.weight"} & set(model.state_dict())
+    assert set(stored) == trained | {"classifier.1.bias", conv}
+    assert set(manifest.frozen_digests) == set(model.state_dict()) - set(stored)
+    reloaded = hf_freeze.from_pretrained(tmp_path / "delta")
+    assert all(identical(t, model.state_dict()[n]) for n, t in reloaded.state_dict().items())
+    # the reloaded model with stage.1 frozen: its values are the delta's, not the base's, so it stays in the delta
+    hf_freeze.apply_policy(reloaded, "freeze=stem:stage.1")
+    again = hf_freeze.save_delta(reloaded, tmp_path / "again")
+    assert set(again.trained_tensors) == set(stored)
+    assert all(identical(t, model.state_dict()[n]) for n, t in hf_freeze.from_pretrained(tmp_path / "again").state_dict().items())
+
+
+def test_a_failed_delta_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    import errno
+
+    import hf_freeze.delta as delta
+
+    _, model = saved_base(tmp_path)
+    hf_freeze.apply_policy(model, "backbone")
+    hf_freeze.save_delta(model, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with torch.no_grad():
+        model.classifier[1].weight.add_(1.0)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(delta.DeltaManifest, "save", no_space)  # after the weights were written
+    with pytest.raises(OSError, match="No space"):
+        hf_freeze.save_delta(model, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # no temp folder left either
+
+
 def test_manifest_round_trip_and_corruption_is_detected(tmp_path):
     m = DeltaManifest("org/base", "a" * 40, {"x": "1" * 32, "y": "2" * 32}, ["head.weight"])
     m.save(tmp_path)

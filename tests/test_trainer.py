@@ -70,14 +70,39 @@ def test_each_group_lr_is_its_scale_times_the_schedule(tmp_path):
             assert lr == pytest.approx(0.05 * scale * schedule, rel=1e-9), (step, name)
     decay = {pg["name"]: pg["weight_decay"] for pg in trainer.optimizer.param_groups}
     assert decay == {"stage.1/decay": 0.01, "stage.1/no_decay": 0.0, "head/decay": 0.01, "head/no_decay": 0.0}
-    # no weight decay exactly on biases and normalisation weights
+    # weight decay as the plain Trainer gives it (get_decay_parameter_names): not on biases; BatchNorm weights get it
     names = {id(p): n for n, p in model.named_parameters()}
     for pg in trainer.optimizer.param_groups:
         for p in pg["params"]:
             n = names[id(p)]
-            assert (n.endswith(".bias") or ".normalization." in n) == pg["name"].endswith("/no_decay"), (n, pg["name"])
+            assert n.endswith(".bias") == pg["name"].endswith("/no_decay"), (n, pg["name"])
     bn_weight = model.resnet.encoder.stages[1].layers[0].layer[0].normalization.weight
-    assert any(bn_weight is p for pg in trainer.optimizer.param_groups if pg["name"] == "stage.1/no_decay" for p in pg["params"])
+    assert any(bn_weight is p for pg in trainer.optimizer.param_groups if pg["name"] == "stage.1/decay" for p in pg["params"])
+
+
+class _NoDecayOnNorms(FreezeTrainer):
+    def get_decay_parameter_names(self, model):
+        return [n for n in super().get_decay_parameter_names(model) if ".normalization." not in n]
+
+
+def test_weight_decay_follows_the_trainers_get_decay_parameter_names(tmp_path):
+    """The default rule is the Trainer's (a ViT's LayerNorms and a ResNet's biases get none), and a subclass that
+    overrides get_decay_parameter_names gets its own rule in every policy group."""
+    from transformers import Trainer
+
+    from hf_freeze.param_groups import decay_parameter_names
+
+    for kind in ("vit", "resnet"):
+        model = tiny_model(kind)
+        assert decay_parameter_names(model) == set(Trainer.get_decay_parameter_names(None, model))
+    model = tiny_model("resnet")
+    trainer = _NoDecayOnNorms(model=model, args=training_args(tmp_path), train_dataset=TinyImages(),
+                              freeze_policy="freeze=stem;layer_lr_decay=0.5")
+    trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for pg in trainer.optimizer.param_groups if pg["weight_decay"] > 0 for p in pg["params"]}
+    trained = {n for n, p in model.named_parameters() if not n.startswith("resnet.embedder.")}
+    assert decayed == {n for n in trained if not n.endswith(".bias") and ".normalization." not in n}
 
 
 def test_plain_callback_refuses_per_group_lrs():
