@@ -8,7 +8,7 @@ checkpoint's). Each test is one attempt; a break is ``xfail(strict=True, reason=
 Tiny ResNet (BatchNorm included), 32 images, batch 8 (4 optimizer steps per epoch), 2 epochs, CPU.
 Schedule ``freeze=backbone;unfreeze=step2:1,step5:1``: stage.3 trains from update 3, stage.2 from update 6, so
 checkpoint-2 is just before the first event, checkpoint-3 just after it, checkpoint-5/-6 around the second.
-Figures: 34 attempts (with parameters); 3 broke a promise, 2 fixed on this branch (truncated freeze_policy.json let
+Figures: 32 tests (with parameters); 4 broke a promise, 2 fixed on this branch (truncated freeze_policy.json let
 another policy resume; false FrozenWeightsChanged resuming onto a model an earlier run trained), 1 left as a strict
 xfail (plain Trainer resumes another policy silently) and 1 strict xfail (plain Trainer from a FreezeTrainer checkpoint).
 """
