@@ -6,7 +6,7 @@ plain run exactly (tensor equality), or are refused before anything changes (res
 checkpoint's). Each test is one attempt; a break is ``xfail(strict=True, reason="BUG: ...")`` asserting the promise.
 
 Tiny ResNet (BatchNorm included), 32 images, batch 8 (4 optimizer steps per epoch), 2 epochs, CPU.
-Schedule ``freeze=backbone;unfreeze=step2:1,step5:1``: stage.3 trains from update 3, stage.2 from update 6, so
+Schedule ``freeze=backbone;unfreeze=step2:1,step5:1``: stage.1 trains from update 3, stage.0 from update 6, so
 checkpoint-2 is just before the first event, checkpoint-3 just after it, checkpoint-5/-6 around the second.
 Figures: 32 tests (with parameters); 4 broke a promise, 2 fixed on this branch (truncated freeze_policy.json let
 another policy resume; false FrozenWeightsChanged resuming onto a model an earlier run trained), 1 left as a strict
@@ -229,7 +229,7 @@ def test_user_frozen_parameter_stays_frozen_through_a_second_train_of_the_same_t
 # ----------------------------------------------------------------------------------------------- rebuilt / shared models
 def test_new_trainer_on_an_already_trained_model_resumed_from_a_checkpoint_before_an_event(base_dir, tmp_path,
                                                                                            tmp_path_factory):
-    """A notebook: the model object of a finished run gets a new FreezeTrainer that resumes from checkpoint-3 (stage.2
+    """A notebook: the model object of a finished run gets a new FreezeTrainer that resumes from checkpoint-3 (stage.0
     still frozen there). The checkpoint brings the weights: the run must equal the uninterrupted one."""
     out, final, state = reference("full", base_dir, tmp_path_factory)
     first = make(base_dir, tmp_path / "a")
