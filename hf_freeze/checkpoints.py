@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .errors import FreezePolicyError
-from .folder import ADAPTER_FILES, DELTA_MANIFEST, DELTA_WEIGHTS, recorded_policy_dict
+from .folder import ADAPTER_FILES, CONFIG_FILE, CONFIG_KEY, DELTA_MANIFEST, DELTA_WEIGHTS, POLICY_FILE
 from .policy import FreezePolicy
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ def checkpoint_problem(folder: str | os.PathLike, needs_optimizer: bool = True) 
     if not isinstance(json.loads(state.read_text()).get("global_step"), int):
         return f"{TRAINER_STATE} has no global_step"
     problem = _weights_problem(folder)
+    if problem is None and (folder / POLICY_FILE).exists():  # rewritten after trainer_state.json (on_save)
+        problem = _json_problem(folder / POLICY_FILE)
     if problem or not needs_optimizer:
         return problem
     for name in ("optimizer.pt", "scheduler.pt"):
@@ -115,16 +117,27 @@ def check_resume_policy(checkpoint: str | os.PathLike, policy: FreezePolicy) -> 
     Another frozen set or schedule gives the optimizer another parameter layout, another LR scale trains silently
     otherwise: a resumed run continues the checkpoint's run, so it takes the checkpoint's policy.
     """
-    try:
-        recorded = FreezePolicy.from_dict(recorded_policy_dict(checkpoint))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return
-    if recorded != policy:
+    recorded = _recorded_policy(Path(checkpoint))
+    if recorded is not None and recorded != policy:
         raise FreezePolicyError(
             f"cannot resume from {checkpoint} with freeze policy {policy.to_string()!r}: the checkpoint was trained "
             f"with freeze policy {recorded.to_string()!r}, and a resumed run continues that run. Resume with the "
             f"checkpoint's policy (freeze_policy=hf_freeze.FreezePolicy.from_pretrained({str(checkpoint)!r})), or "
             "start a new run with the new policy (from the checkpoint's weights, without resume_from_checkpoint).")
+
+
+def _recorded_policy(folder: Path) -> FreezePolicy | None:
+    """The policy ``folder`` was saved with: its ``freeze_policy.json``, else (missing, or left empty/invalid by a crash
+    while it was rewritten) ``config.json``'s ``freeze_policy``; None when neither records one."""
+    for path, key in ((folder / POLICY_FILE, None), (folder / CONFIG_FILE, CONFIG_KEY)):
+        try:
+            data = json.loads(path.read_text())
+            data = data if key is None else data[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(data, dict):
+            return FreezePolicy.from_dict(data)
+    return None
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
