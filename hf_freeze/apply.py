@@ -271,22 +271,6 @@ def restart_policy(model: nn.Module) -> None:
     set_frozen(model, state.plan.frozen_params, refingerprint=False)
 
 
-def rebase_frozen(model: nn.Module) -> None:
-    """The weights a resumed run continues from are the checkpoint's: fingerprint the still-frozen tensors as loaded.
-
-    The policy may have been applied (fingerprinted) to other weights than the checkpoint's run started from: a model
-    an earlier ``train()`` or another trainer trained. Only the tensors frozen now are taken again (in the fingerprint
-    and as applied); those an event unfroze keep their digest of when the policy was applied.
-    """
-    model = unwrap_model(model)
-    state = require_state(model)
-    tracked = set(state.fingerprint.digests)
-    tensors = state.names_of(model).base_tensors(model)
-    fresh = digests({n: tensors[n] for n in sorted(tracked) if n in tensors})
-    state.fingerprint.digests.update(fresh)
-    state.applied_fingerprint.digests.update(fresh)
-
-
 def remove_policy(model: nn.Module) -> None:
     """Undo :func:`apply_policy`: original ``requires_grad`` flags and normal BatchNorm behaviour.
 

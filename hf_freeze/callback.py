@@ -30,7 +30,6 @@ from ._compat import moved_names
 from ._logging import get_logger
 from .apply import (
     apply_policy,
-    rebase_frozen,
     restart_policy,
     rewind_events,
     set_frozen,
@@ -172,8 +171,6 @@ class FreezeCallback(TrainerCallback):
         self.set_timing(model, self.timing or timing_of(args, kwargs.get("train_dataloader")))
         self._fire_due(model, state, resumed=state.global_step > 0)
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on
-        if state.global_step > 0:  # resumed: the checkpoint just loaded holds the frozen tensors this run keeps
-            rebase_frozen(model)
         self.pending_logs["freeze/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if logger.isEnabledFor(self._log_level):
             logger.log(self._log_level, "hf_freeze: freeze policy at the start of training:\n%s", freeze_report(model))
