@@ -74,8 +74,6 @@ def _quantized_resnet(scale):
 
 
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
-@pytest.mark.xfail(strict=True, reason="BUG: the digest of a torch quantized tensor covers its int codes only, not "
-                                       "its scale/zero point: a base with other frozen weights passes the delta check")
 def test_delta_refuses_a_base_whose_frozen_quantized_weight_has_another_scale(tmp_path):
     """'Quantized / integer parameters are frozen and verified like any other'; a delta 'checks the base bit for
     bit'. Same int8 codes, scale 0.02 instead of 0.01: the weights (and logits) differ, the delta is applied anyway."""
@@ -233,8 +231,6 @@ def test_hsdp_two_dimensional_mesh_verifies_and_catches_a_diverged_replica(multi
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: a version-1 (scheme 1) delta check on a sharded model is rank-local for "
-                                       "unsharded tensors: rank 1 raises BaseModelChanged, rank 0 goes on to load")
 def test_version_1_delta_check_on_a_sharded_model_gives_every_rank_the_same_verdict(multiproc):
     """'Resuming from a delta checks the fingerprint on every rank'; 'every rank raises the same error'. An old
     (version 1) delta applied to an FSDP2 model whose frozen BatchNorm statistic differs on rank 1 only: apply_delta's
