@@ -35,21 +35,23 @@ def _sgd_steps(model, steps=2, lr=0.5):
 
 
 # =========================================================================== one process
-@pytest.mark.xfail(strict=True, reason="BUG: a parameter tied between a trainable group (first name) and a frozen "
-                                       "group trains; the frozen group changes and verify_frozen passes")
 def test_tied_weight_shared_by_a_trainable_and_a_frozen_group_is_refused_or_kept():
     """ALBERT-style sharing: vit.layers.1's query projection *is* vit.layers.0's. freeze=stage.1 must keep stage.1
     bit-identical (or refuse the policy up front). named_parameters() lists the shared tensor once, under its stage.0
-    name, so it is trained with stage.0 and never fingerprinted as part of stage.1."""
+    name, so it would train with stage.0 and never be fingerprinted as part of stage.1: refused, naming both names and
+    groups, before anything changes; freezing both groups keeps it through training."""
     model = tiny_model("vit")
     model.vit.layers[1].attention.q_proj.weight = model.vit.layers[0].attention.q_proj.weight
     frozen_before = model.vit.layers[1].attention.q_proj.weight.detach().clone()
-    try:
-        hf_freeze.apply_policy(model, "freeze=stage.1")
-    except FreezePolicyError:
-        return  # refused up front: acceptable
+    for policy in ("freeze=stage.1", "freeze=*.layers.1.*", "freeze=backbone;unfreeze=step2:stage.1,step4:stage.0"):
+        with pytest.raises(FreezePolicyError, match=r"vit\.layers\.0\.attention\.q_proj\.weight \(group stage\.0.*"
+                                                    r"vit\.layers\.1\.attention\.q_proj\.weight \(group stage\.1.*"
+                                                    r"Freeze \(or unfreeze\) the groups \['stage\.0', 'stage\.1'\]"):
+            hf_freeze.apply_policy(model, policy)
+        assert hf_freeze.get_state(model) is None and all(p.requires_grad for p in model.parameters())
+    hf_freeze.apply_policy(model, "freeze=stage.0:stage.1")
     _sgd_steps(model)
-    hf_freeze.verify_frozen(model)  # passes today
+    hf_freeze.verify_frozen(model)
     assert identical(model.vit.layers[1].attention.q_proj.weight.detach(), frozen_before)
 
 
