@@ -120,7 +120,8 @@ def _deepspeed_cast_buffers(plugin, model) -> tuple[str, ...]:
     mode = _deepspeed_mode(config)
     if mode is None or model is None:
         return ()
-    from deepspeed.runtime.config import DtypeEnum  # deepspeed is installed wherever its plugin is in effect
+    # optional package (the deepspeed extra): installed wherever its plugin is in effect
+    from deepspeed.runtime.config import DtypeEnum
     from deepspeed.runtime.engine import CASTABLE_DTYPES
     from deepspeed.runtime.keep_in_fp32 import buffers_to_keep_in_fp32, keep_in_fp32_pattern
 
