@@ -17,7 +17,7 @@ from ._compat import moved_names
 from .adapter_plan import check_wrapped, resolve_adapter
 from .errors import FreezePolicyError, FrozenWeightsChanged
 from .fingerprint import Fingerprint, base_state_dict, digests
-from .groups import LayerGroups, layer_groups
+from .groups import LayerGroups, layer_groups, tied_aliases, with_aliases
 from .heads import check_head, install_head, installed_head
 from .names import ADAPTER, COPY, ModelNames, peft_wrappers, unwrap_model
 from .plan import FreezePlan, resolve
@@ -44,6 +44,8 @@ def apply_policy(model: nn.Module, policy: FreezePolicy | dict | str | None = No
     _check_quantized(names.base_parameters(model), groups, plan)
     _check_head_trains(policy, groups, plan)
     adapter = _check_adapter(model, policy, groups, plan)
+    if adapter is None:
+        _check_tied(model, policy, groups, plan)
     remove_policy(model)  # re-applying starts from the pre-policy state
     if install_head(model, policy.head):  # the new layers are the head group from here on
         groups = layer_groups(model)
@@ -121,6 +123,41 @@ def _check_quantized(params: list[tuple[str, nn.Parameter]], groups: LayerGroups
             f"{'unfreezes them (' + ', '.join(when) + ')' if when else 'trains them'}. Keep those groups frozen "
             "(frozen quantized weights are fine: they are verified like any other), or train an adapter on them "
             "(FreezePolicy(adapter=...)).")
+
+
+def _treatment(plan: FreezePlan, name: str, group: str) -> str:
+    if name not in plan.frozen_params:
+        return "trained"
+    event = plan.event_for(group)
+    return f"frozen until {event.when}" if event else "frozen"
+
+
+def _check_tied(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan) -> None:
+    """A parameter tied (shared) between modules the policy treats differently (one trains, one stays frozen, or they
+    unfreeze at different times) cannot keep the promise: ``named_parameters`` lists it once, under its first name, so
+    it would train with that name's group and the frozen module would change. Refuse such a policy.
+
+    Each alias name is placed where it would be grouped if it were not shared (:func:`~hf_freeze.groups.alias_group`)
+    and the policy is resolved again with it there, so group selectors, ranges and globs all see it."""
+    aliases = tied_aliases(model)
+    state = get_state(model)
+    original = state.original_requires_grad if state is not None else {}
+    params = dict(model.named_parameters())
+    aliases = {n: rest for n, rest in aliases.items() if original.get(n, params[n].requires_grad)}  # not user-frozen
+    if not aliases:
+        return
+    placed = with_aliases(groups, aliases)
+    full = resolve(policy, placed)
+    group_of = {n: g.name for g in placed for n in g.param_names}
+    for first, rest in aliases.items():
+        seen = {n: (group_of.get(n), _treatment(full, n, group_of.get(n, ""))) for n in (first, *rest) if n in group_of}
+        if len({t for _, t in seen.values()}) > 1:
+            shown = "; ".join(f"{n} (group {g}: {t})" for n, (g, t) in seen.items())
+            both = sorted({g for g, _ in seen.values()})
+            raise FreezePolicyError(
+                f"one parameter is tied (shared) between modules the policy treats differently: {shown}. It is one "
+                f"tensor, so training it through one name changes the frozen other. Freeze (or unfreeze) the groups "
+                f"{both} together, or untie the weights (give each module its own copy) before applying the policy.")
 
 
 def _check_adapter(model: nn.Module, policy: FreezePolicy, groups: LayerGroups, plan: FreezePlan):

@@ -4,6 +4,10 @@ A run killed while the Trainer writes ``checkpoint-N`` leaves a folder with an e
 ``trainer_state.json``, a truncated weights file or no optimizer state. ``transformers``' ``get_last_checkpoint``
 picks it anyway and the resume fails (``JSONDecodeError`` naming no file) or, without ``optimizer.pt``, silently
 restarts the optimizer. :func:`last_complete_checkpoint` skips such folders, saying which and why.
+
+A DeepSpeed checkpoint has no ``optimizer.pt`` (nor, with DeepSpeed's scheduler wrapper, ``scheduler.pt``): the engine
+writes its states to the folder named by ``latest`` (``global_stepN/``: model states, and one ZeRO optimizer-state file
+per rank), and writes ``latest`` last.
 """
 
 from __future__ import annotations
@@ -52,6 +56,26 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
+_ZERO_STATES = re.compile(r"^(?:\w+_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+DEEPSPEED_LATEST = "latest"
+
+
+def _deepspeed_problem(folder: Path) -> str | None:
+    """A DeepSpeed engine checkpoint: ``latest`` names the folder with the model states and the optimizer states
+    (ZeRO: one file per rank, ranks 0..N-1; without ZeRO they are in the model-states file); all must be readable."""
+    tag = (folder / DEEPSPEED_LATEST).read_text(errors="replace").strip()
+    states = folder / tag
+    if not tag or not states.is_dir():
+        return f"{DEEPSPEED_LATEST} names {tag!r}, which is not a folder of DeepSpeed states"
+    files = sorted(p for p in states.iterdir() if p.name.endswith("_states.pt"))
+    if not any(p.name.endswith("model_states.pt") for p in files):
+        return f"no DeepSpeed model states in {tag}/"
+    ranks = sorted({int(m.group(1)) for p in files if (m := _ZERO_STATES.match(p.name))})
+    if ranks and ranks != list(range(ranks[-1] + 1)):
+        return f"{tag}/ lacks the ZeRO optimizer states of rank(s) {sorted(set(range(ranks[-1] + 1)) - set(ranks))}"
+    return next((f"{tag}/{problem}" for problem in map(_torch_file_problem, files) if problem), None)
+
+
 def _weights_problem(folder: Path) -> str | None:
     """The model weights: full (single file or index + every shard), an hf_freeze delta or a PEFT adapter."""
     if (folder / DELTA_MANIFEST).is_file():
@@ -83,7 +107,8 @@ def checkpoint_problem(folder: str | os.PathLike, needs_optimizer: bool = True) 
     """Why ``folder`` cannot be resumed from (None: it is complete).
 
     Complete: ``trainer_state.json`` is valid JSON with a ``global_step``, the weights are readable, and (unless
-    ``needs_optimizer`` is False, as with ``save_only_model``) ``optimizer.pt`` and ``scheduler.pt`` are readable.
+    ``needs_optimizer`` is False, as with ``save_only_model``) ``optimizer.pt`` and ``scheduler.pt`` are readable, or,
+    for DeepSpeed, the engine's states named by ``latest``.
     """
     folder = Path(folder)
     state = folder / TRAINER_STATE
@@ -97,6 +122,12 @@ def checkpoint_problem(folder: str | os.PathLike, needs_optimizer: bool = True) 
         problem = _json_problem(folder / POLICY_FILE)
     if problem or not needs_optimizer:
         return problem
+    if (folder / DEEPSPEED_LATEST).is_file():  # the engine keeps the optimizer (and its scheduler) in its own folder
+        problem = _deepspeed_problem(folder)
+        scheduler = folder / "scheduler.pt"
+        return problem or (_torch_file_problem(scheduler) if scheduler.is_file() else None)
+    if any(p.is_dir() and p.name.startswith("global_step") for p in folder.iterdir()):
+        return f"DeepSpeed states without {DEEPSPEED_LATEST!r} (the engine writes it last: the save did not finish)"
     for name in ("optimizer.pt", "scheduler.pt"):
         path = folder / name
         if path.is_file():

@@ -24,7 +24,10 @@ DeepSpeed on only where they really run, e.g. ``fsdp=...`` on CPU falls back to 
   ``tests/test_deepspeed.py``). Refused: an unfreeze schedule (tensors unfrozen after ``deepspeed.initialize``
   silently do not train), ZeRO-3 (parameters are partitioned outside torch's view: nothing to verify), and
   DeepSpeed's bf16/fp16 modes when the model is not already in that dtype (the engine casts every parameter,
-  frozen ones included).
+  frozen ones included) or when its ``data_types`` (``buffer_dtype``, ``keep_in_fp32_modules``) would cast a
+  buffer, and per-group learning rates (``layer_lr_decay``) with an ``optimizer`` or ``scheduler`` section in the
+  DeepSpeed config (DeepSpeed's own optimizer has one learning rate, its schedulers give every group the same one;
+  without those sections the Trainer builds hf_freeze's optimizer and scheduler and DeepSpeed wraps them).
 * Tensors on the meta device (weights offloaded by ``device_map``) are refused when verification is on.
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
 from transformers import PreTrainedModel
@@ -54,6 +58,8 @@ class Backend:
     cpu_ram_efficient_loading: bool = False
     zero_stage: int | None = None
     deepspeed_dtype: str | None = None  # "bf16" / "fp16" when DeepSpeed casts the model
+    deepspeed_cast_buffers: tuple[str, ...] = ()  # buffers DeepSpeed's bf16/fp16 mode casts (data_types settings)
+    deepspeed_own: tuple[str, ...] = ()  # "optimizer" / "scheduler": sections of the DeepSpeed config (its own)
     find_unused_parameters: bool | None = None
     static_graph: bool = False
     activation_checkpointing: bool = False
@@ -88,13 +94,51 @@ def ddp_options(args, model) -> tuple[bool, bool]:
     return find_unused, bool(getattr(args, "ddp_static_graph", None))
 
 
-def _deepspeed_dtype(plugin, model) -> str | None:
-    config = getattr(plugin, "deepspeed_config", None) or {}
-    for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
-        if str((config.get(key) or {}).get("enabled", False)).lower() == "true":
-            params = list(model.parameters()) if model is not None else []
-            return None if params and all(str(p.dtype) == f"torch.{dtype}" for p in params) else key
+def _deepspeed_mode(config: dict) -> str | None:
+    """DeepSpeed's "bf16" / "fp16" mode as its engine reads the config ("bf16", else the older key "bfloat16")."""
+    bf16 = config["bf16"] if config.get("bf16") is not None else config.get("bfloat16")
+    for mode, section in (("bf16", bf16), ("fp16", config.get("fp16"))):
+        if str((section or {}).get("enabled", False)).lower() == "true":
+            return mode
     return None
+
+
+def _deepspeed_dtype(plugin, model) -> str | None:
+    mode = _deepspeed_mode(getattr(plugin, "deepspeed_config", None) or {})
+    if mode is None:
+        return None
+    dtype = "bfloat16" if mode == "bf16" else "float16"
+    params = list(model.parameters()) if model is not None else []
+    return None if params and all(str(p.dtype) == f"torch.{dtype}" for p in params) else mode
+
+
+def _deepspeed_cast_buffers(plugin, model) -> tuple[str, ...]:
+    """Buffers the DeepSpeed engine's bf16/fp16 mode would cast when it wraps ``model``: every floating buffer not of
+    ``data_types.buffer_dtype`` when that is set, and the lower-precision buffers ``data_types.keep_in_fp32_modules``
+    selects (upcast to fp32). Read with DeepSpeed's own helpers (``DeepSpeedEngine._cast_module_mixed_precision``)."""
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    mode = _deepspeed_mode(config)
+    if mode is None or model is None:
+        return ()
+    # optional package (the deepspeed extra): installed wherever its plugin is in effect
+    from deepspeed.runtime.config import DtypeEnum
+    from deepspeed.runtime.engine import CASTABLE_DTYPES
+    from deepspeed.runtime.keep_in_fp32 import buffers_to_keep_in_fp32, keep_in_fp32_pattern
+
+    model = unwrap_model(model)
+    data_types = config.get("data_types") or {}
+    pattern = keep_in_fp32_pattern(model, data_types.get("keep_in_fp32_modules", "auto"),
+                                   torch.bfloat16 if mode == "bf16" else torch.float16)
+    kept = {id(b) for b in buffers_to_keep_in_fp32(model, pattern)} if pattern is not None else set()
+    target = DtypeEnum(data_types["buffer_dtype"]).value if data_types.get("buffer_dtype") is not None else None
+    cast = []
+    for name, b in model.named_buffers():
+        if id(b) in kept:
+            if b.dtype != torch.float32:
+                cast.append(name)
+        elif target is not None and b.dtype in CASTABLE_DTYPES and b.dtype != target:
+            cast.append(name)
+    return tuple(cast)
 
 
 def effective_backend(args=None, model=None, state=None) -> Backend:
@@ -124,7 +168,11 @@ def effective_backend(args=None, model=None, state=None) -> Backend:
                        activation_checkpointing=ckpt, mixed_precision=precision)
     if ds is not None:
         return Backend("deepspeed", world, zero_stage=int(getattr(ds, "zero_stage", 0) or 0),
-                       deepspeed_dtype=_deepspeed_dtype(ds, model), activation_checkpointing=ckpt)
+                       deepspeed_dtype=_deepspeed_dtype(ds, model),
+                       deepspeed_cast_buffers=_deepspeed_cast_buffers(ds, model),
+                       deepspeed_own=tuple(k for k in ("optimizer", "scheduler")
+                                           if k in (getattr(ds, "deepspeed_config", None) or {})),
+                       activation_checkpointing=ckpt)
     if world > 1:
         find_unused, static = ddp_options(args, model)
         return Backend("ddp", world, find_unused_parameters=find_unused, static_graph=static,
@@ -169,6 +217,23 @@ def check_backend(args, policy, model=None, *, backend: Backend | None = None) -
                 f"so the frozen weights would not stay bit-identical. Load the model in that dtype (dtype=torch."
                 f"{'bfloat16' if backend.deepspeed_dtype == 'bf16' else 'float16'}) before training, or run DeepSpeed in "
                 "fp32, or use DDP/FSDP2 with bf16 autocast.")
+        if backend.deepspeed_cast_buffers:
+            cast = backend.deepspeed_cast_buffers
+            raise FreezePolicyError(
+                f"DeepSpeed's bf16/fp16 mode would cast {len(cast)} buffer(s) of the model ({', '.join(cast[:3])}"
+                f"{', ...' if len(cast) > 3 else ''}) to another dtype because of the config's data_types "
+                "(buffer_dtype / keep_in_fp32_modules), frozen BatchNorm statistics included, so they would not stay "
+                "bit-identical. Remove data_types.buffer_dtype (buffers then keep their dtype) and set "
+                "data_types.keep_in_fp32_modules=[] or load those buffers in float32, or run DeepSpeed in fp32.")
+        if backend.deepspeed_own and policy.needs_param_groups:
+            own = " and ".join(f"'{k}'" for k in backend.deepspeed_own)
+            raise FreezePolicyError(
+                f"the DeepSpeed config has its own {own} section(s): DeepSpeed's optimizer is built over all trainable "
+                "parameters at one learning rate, and its scheduler gives every parameter group the same one, so the "
+                f"per-group learning rates of policy {policy.to_string()!r} (layer_lr_decay / lr_scale) would be "
+                f"silently dropped. Remove the {own} section(s) from the DeepSpeed config (the Trainer then builds the "
+                "optimizer with hf_freeze's per-group learning rates and its scheduler, and DeepSpeed wraps them), or "
+                "drop layer_lr_decay.")
     if backend.kind == "ddp" and schedule:
         if backend.static_graph:
             raise FreezePolicyError(

@@ -29,6 +29,10 @@ is also 6x slower on MobileNetV2, whose 1-D tensors make one hash call per eleme
 16 bytes of state per tensor, no copy of the weights. On MobileNetV2, 1.2x the time of the previous one-pass
 digest, measured side by side (``benchmarks/fingerprint_cost.py``, ``benchmarks/results/fingerprint_cost_cpu.txt``).
 
+**Quantized tensors** (torch ``qint8``/``quint8``/...): the bytes are the integer codes, and the header also holds
+the quantization scheme, scale(s) and zero point(s), so the same codes with another scale are a change. Every other
+tensor's header is ``dtype|shape|`` as before: existing scheme-2 fingerprints and delta manifests stay valid.
+
 **Scheme 1** (hf_freeze <= 0.1, delta manifests of version 1): BLAKE2b-128 over the header and all bytes in one
 pass. Kept so old delta checkpoints still load (:func:`tensor_digest_v1`).
 
@@ -65,8 +69,20 @@ _ROOT = b"hf_freeze.root"
 
 
 # --------------------------------------------------------------------------- one tensor
-def _header(dtype, shape) -> bytes:
-    return f"{dtype}|{tuple(shape)}|".encode()
+def _header(dtype, shape, quant: str = "") -> bytes:
+    return f"{dtype}|{tuple(shape)}|{quant}".encode()
+
+
+def _quantization(t: torch.Tensor) -> str:
+    """What turns a torch quantized tensor's integer codes into values (scheme, scale(s), zero point(s)), as header
+    text; "" for every other tensor, whose header (and so digest) is unchanged by this."""
+    if not t.is_quantized:
+        return ""
+    scheme = t.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return f"{scheme}|{float(t.q_scale()).hex()}|{int(t.q_zero_point())}|"
+    return (f"{scheme}|{t.q_per_channel_axis()}|{tensor_digest(t.q_per_channel_scales())}|"
+            f"{tensor_digest(t.q_per_channel_zero_points())}|")
 
 
 def _host_bytes(t: torch.Tensor) -> memoryview:
@@ -79,8 +95,8 @@ def _leaf(data) -> bytes:
     return hashlib.blake2b(data, digest_size=16, person=_LEAF).digest()
 
 
-def _root(dtype, shape, leaves: Iterable[bytes]) -> str:
-    h = hashlib.blake2b(_header(dtype, shape), digest_size=16, person=_ROOT)
+def _root(dtype, shape, leaves: Iterable[bytes], quant: str = "") -> str:
+    h = hashlib.blake2b(_header(dtype, shape, quant), digest_size=16, person=_ROOT)
     for d in leaves:
         h.update(d)
     return h.hexdigest()
@@ -101,7 +117,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     if t.is_meta:
         return _meta_digest(t)
     data = _host_bytes(t)
-    return _root(t.dtype, t.shape, (_leaf(data[i:i + LEAF_BYTES]) for i in range(0, len(data), LEAF_BYTES)))
+    leaves = (_leaf(data[i:i + LEAF_BYTES]) for i in range(0, len(data), LEAF_BYTES))
+    return _root(t.dtype, t.shape, leaves, _quantization(t))
 
 
 def tensor_digest_v1(t: torch.Tensor) -> str:
@@ -211,6 +228,13 @@ def _sharded_digests(sharded: Mapping[str, torch.Tensor], local_verdict) -> tupl
     verdicts = [None] * world
     dist.all_gather_object(verdicts, sorted(local_verdict(found)))
     return found, sorted({n for v in verdicts for n in v})
+
+
+def _union_over_ranks(names: list[str]) -> list[str]:
+    """The union of every rank's ``names``, on every rank (one collective): plain tensors are checked per rank."""
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(names))
+    return sorted({n for v in every for n in v})
 
 
 def combined(named: Mapping[str, str], *parts: object) -> str:
@@ -339,7 +363,7 @@ class Fingerprint:
             verdict = local()
         elif self.scheme == 1:  # scheme 1 is not split-independent: full_tensor() per tensor, same order on every rank
             now = digests(sharded, 1)
-            verdict = local() + [n for n, d in now.items() if d != reference[n]]
+            verdict = _union_over_ranks(local() + [n for n, d in now.items() if d != reference[n]])
         else:
             found, verdict = _sharded_digests(sharded, local)
             verdict += [n for n, d in found.items() if d != reference.get(n)]

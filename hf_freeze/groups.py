@@ -216,6 +216,39 @@ def layout_for(model: nn.Module) -> Layout:
     return layout
 
 
+def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters registered under several names (tied / shared weights): the name groups use (the first one
+    ``named_parameters`` gives) -> the other names."""
+    names: dict[int, list[str]] = {}
+    for n, p in unwrap_model(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {first: rest for first, *rest in names.values() if rest}
+
+
+def alias_group(alias: str, group_of: dict[str, str]) -> set[str]:
+    """The group(s) of the tensors nearest ``alias`` in the module tree (its own module's, else its parent's, ...):
+    where the alias would be grouped if it were not shared. Empty when no enclosing module below the root has any."""
+    parts = alias.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k]) + "."
+        found = {g for n, g in group_of.items() if n.startswith(prefix)}
+        if found:
+            return found
+    return set()
+
+
+def with_aliases(groups: LayerGroups, aliases: dict[str, list[str]]) -> LayerGroups:
+    """``groups`` with every alias name of :func:`tied_aliases` added to the group(s) of :func:`alias_group`."""
+    group_of = groups.group_of()
+    extra: dict[str, list[str]] = {}
+    for rest in aliases.values():
+        for alias in rest:
+            for g in alias_group(alias, group_of):
+                extra.setdefault(g, []).append(alias)
+    return LayerGroups([LayerGroup(g.name, g.param_names + tuple(extra.get(g.name, ())), g.num_params, g.buffer_names)
+                        for g in groups], groups.model_type, groups.source, groups.input_issue)
+
+
 def layer_groups(model: nn.Module) -> LayerGroups:
     """Split ``model`` into ordered layer groups; every parameter lands in exactly one group."""
     model = unwrap_model(model)

@@ -35,21 +35,23 @@ def _sgd_steps(model, steps=2, lr=0.5):
 
 
 # =========================================================================== one process
-@pytest.mark.xfail(strict=True, reason="BUG: a parameter tied between a trainable group (first name) and a frozen "
-                                       "group trains; the frozen group changes and verify_frozen passes")
 def test_tied_weight_shared_by_a_trainable_and_a_frozen_group_is_refused_or_kept():
     """ALBERT-style sharing: vit.layers.1's query projection *is* vit.layers.0's. freeze=stage.1 must keep stage.1
     bit-identical (or refuse the policy up front). named_parameters() lists the shared tensor once, under its stage.0
-    name, so it is trained with stage.0 and never fingerprinted as part of stage.1."""
+    name, so it would train with stage.0 and never be fingerprinted as part of stage.1: refused, naming both names and
+    groups, before anything changes; freezing both groups keeps it through training."""
     model = tiny_model("vit")
     model.vit.layers[1].attention.q_proj.weight = model.vit.layers[0].attention.q_proj.weight
     frozen_before = model.vit.layers[1].attention.q_proj.weight.detach().clone()
-    try:
-        hf_freeze.apply_policy(model, "freeze=stage.1")
-    except FreezePolicyError:
-        return  # refused up front: acceptable
+    for policy in ("freeze=stage.1", "freeze=*.layers.1.*", "freeze=backbone;unfreeze=step2:stage.1,step4:stage.0"):
+        with pytest.raises(FreezePolicyError, match=r"vit\.layers\.0\.attention\.q_proj\.weight \(group stage\.0.*"
+                                                    r"vit\.layers\.1\.attention\.q_proj\.weight \(group stage\.1.*"
+                                                    r"Freeze \(or unfreeze\) the groups \['stage\.0', 'stage\.1'\]"):
+            hf_freeze.apply_policy(model, policy)
+        assert hf_freeze.get_state(model) is None and all(p.requires_grad for p in model.parameters())
+    hf_freeze.apply_policy(model, "freeze=stage.0:stage.1")
     _sgd_steps(model)
-    hf_freeze.verify_frozen(model)  # passes today
+    hf_freeze.verify_frozen(model)
     assert identical(model.vit.layers[1].attention.q_proj.weight.detach(), frozen_before)
 
 
@@ -74,8 +76,6 @@ def _quantized_resnet(scale):
 
 
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
-@pytest.mark.xfail(strict=True, reason="BUG: the digest of a torch quantized tensor covers its int codes only, not "
-                                       "its scale/zero point: a base with other frozen weights passes the delta check")
 def test_delta_refuses_a_base_whose_frozen_quantized_weight_has_another_scale(tmp_path):
     """'Quantized / integer parameters are frozen and verified like any other'; a delta 'checks the base bit for
     bit'. Same int8 codes, scale 0.02 instead of 0.01: the weights (and logits) differ, the delta is applied anyway."""
@@ -233,8 +233,6 @@ def test_hsdp_two_dimensional_mesh_verifies_and_catches_a_diverged_replica(multi
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: a version-1 (scheme 1) delta check on a sharded model is rank-local for "
-                                       "unsharded tensors: rank 1 raises BaseModelChanged, rank 0 goes on to load")
 def test_version_1_delta_check_on_a_sharded_model_gives_every_rank_the_same_verdict(multiproc):
     """'Resuming from a delta checks the fingerprint on every rank'; 'every rank raises the same error'. An old
     (version 1) delta applied to an FSDP2 model whose frozen BatchNorm statistic differs on rank 1 only: apply_delta's
@@ -291,20 +289,20 @@ def test_deepspeed_zero2_keeps_a_frozen_stem_while_later_stages_train(deepspeed_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: with an 'optimizer' section in the DeepSpeed config the engine builds its "
-                                       "own optimizer: layer_lr_decay is silently dropped (every group at the base LR)")
 def test_deepspeed_own_optimizer_honours_layer_lr_decay_or_is_refused(deepspeed_runs):
     """freeze=stem;layer_lr_decay=0.5 under ZeRO-2 (no schedule: 'accepted'): the groups must train at 0.05 x 0.5^depth
-    (0.0125, 0.025, 0.05), or the combination must be refused up front. The engine uses 0.05 for all."""
+    (0.0125, 0.025, 0.05), or the combination must be refused up front. With the config's own 'optimizer' section
+    DeepSpeed would use 0.05 for all: refused when FreezeTrainer is built, on every rank, model untouched; without the
+    section (the alternative the refusal names) the engine trains each group at its own learning rate."""
     for r in deepspeed_runs:
         status, a = r["a"]
-        assert status == "ok", a  # (a FreezePolicyError up front would show here instead, also acceptable)
+        assert status == "ok", a
+        assert "own 'optimizer' section" in a["refusal"] and "Remove the 'optimizer' section" in a["refusal"]
+        assert a["refused_untouched"]
         assert a["engine"] == a["expected"] == [0.0125, 0.025, 0.05]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: resume_from_checkpoint=True rejects every DeepSpeed checkpoint "
-                                       "('no optimizer.pt': ZeRO keeps its optimizer state in global_stepN/)")
 def test_deepspeed_resume_true_finds_the_zero2_checkpoints(deepspeed_runs):
     """A ZeRO-2 run saved checkpoint-1 and checkpoint-2 (complete: DeepSpeed's global_step2/, latest, weights,
     trainer state); train(resume_from_checkpoint=True) must resume from checkpoint-2, not call both incomplete."""
@@ -315,19 +313,82 @@ def test_deepspeed_resume_true_finds_the_zero2_checkpoints(deepspeed_runs):
         assert c["global_step"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DeepSpeed bf16 mode on a bf16 model is accepted, but data_types."
-                                       "buffer_dtype=fp32 makes the engine cast the frozen BatchNorm statistics")
+def test_a_deepspeed_checkpoint_is_complete_only_with_every_state_latest_names(tmp_path):
+    """The layout a ZeRO-2 run in 2 processes writes (see the test above): trainer state, weights, ``latest`` naming
+    ``global_step2/`` with the model states and one optimizer-state file per rank; no optimizer.pt, no scheduler.pt.
+    Each missing or truncated piece makes the folder incomplete, named; an older complete one is resumed instead."""
+    from safetensors.torch import save_file
+
+    from hf_freeze.checkpoints import checkpoint_problem, last_complete_checkpoint
+
+    def write(step):
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / f"global_step{step}").mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+        for name in ("mp_rank_00_model_states.pt", *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))):
+            torch.save({"step": step}, folder / f"global_step{step}" / name)
+        (folder / "latest").write_text(f"global_step{step}")
+        return folder
+
+    old, new = write(1), write(2)
+    assert checkpoint_problem(new) is None and last_complete_checkpoint(tmp_path) == new
+    states = new / "global_step2"
+    (states / "zero_pp_rank_0_mp_rank_00_optim_states.pt").rename(tmp_path / "rank0.pt")
+    assert checkpoint_problem(new) == "global_step2/ lacks the ZeRO optimizer states of rank(s) [0]"
+    (tmp_path / "rank0.pt").rename(states / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    data = (states / "mp_rank_00_model_states.pt").read_bytes()
+    (states / "mp_rank_00_model_states.pt").write_bytes(data[:len(data) // 2])
+    assert checkpoint_problem(new) == "global_step2/mp_rank_00_model_states.pt is truncated or not a torch.save file"
+    assert last_complete_checkpoint(tmp_path) == old
+    (old / "latest").unlink()  # killed before the engine wrote 'latest'
+    assert "without 'latest'" in checkpoint_problem(old)
+    (old / "latest").write_text("global_step7")
+    assert checkpoint_problem(old) == "latest names 'global_step7', which is not a folder of DeepSpeed states"
+
+
 def test_deepspeed_bf16_with_a_buffer_dtype_is_refused_before_training(tmp_path):
     """'DeepSpeed ... refused in bf16/fp16 modes unless the model already has that dtype (the engine casts every
     parameter)'. DeepSpeed 0.19 casts *buffers* too when ``data_types.buffer_dtype`` is set (checked by hand with
-    deepspeed.initialize on CPU: a bf16 ResNet's frozen running_mean came out float32), so the frozen statistics of a
-    model already in bf16 change dtype: the run fails at its first verification instead of being refused here."""
+    deepspeed.initialize on CPU: a bf16 ResNet's frozen running_mean came out float32), and upcasts the buffers
+    ``data_types.keep_in_fp32_modules`` names, so the frozen statistics of a model already in bf16 would change dtype:
+    refused up front, naming a buffer; the same config without those settings is accepted."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'hf_freeze[deepspeed]')")
     from accelerate.utils import DistributedType
     from test_distributed import check, state
 
-    args = training_args(tmp_path, bf16=True, deepspeed={"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
-                                                         "data_types": {"buffer_dtype": "fp32"}})
+    def ds(data_types):
+        args = training_args(tmp_path, bf16=True, deepspeed={"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+                                                             "data_types": data_types})
+        return args, state(DistributedType.DEEPSPEED, deepspeed=args.deepspeed_plugin)
+
     model = tiny_model("resnet").to(torch.bfloat16)
-    with pytest.raises(FreezePolicyError):
-        check(args, "backbone", model, state(DistributedType.DEEPSPEED, deepspeed=args.deepspeed_plugin))
+    for data_types in ({"buffer_dtype": "fp32"}, {"keep_in_fp32_modules": ["embedder"]}):
+        args, st = ds(data_types)
+        with pytest.raises(FreezePolicyError, match=r"cast \d+ buffer\(s\).*resnet\.embedder\.embedder\.normalization"
+                                                    r"\.running_mean.*Remove data_types\.buffer_dtype"):
+            check(args, "backbone", model, st)
+    for data_types in ({"buffer_dtype": "bf16"}, {"keep_in_fp32_modules": []}, {}):  # nothing to cast
+        args, st = ds(data_types)
+        check(args, "backbone", model, st)
+    assert all(b.dtype in (torch.bfloat16, torch.int64) for b in model.buffers())  # the checks changed nothing
+
+
+def test_deepspeed_own_optimizer_or_scheduler_with_per_group_lrs_is_refused_before_training(tmp_path):
+    """DeepSpeed builds the optimizer of an 'optimizer' section at one LR, and its schedulers give every group the same
+    LR: with layer_lr_decay both are refused up front, naming the alternative; without per-group LRs, accepted."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'hf_freeze[deepspeed]')")
+    from accelerate.utils import DistributedType
+    from test_distributed import check, state
+
+    own = {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}}
+    for sections in (["optimizer"], ["scheduler"], ["optimizer", "scheduler"], []):
+        args = training_args(tmp_path, deepspeed={"zero_optimization": {"stage": 2}, **{k: own[k] for k in sections}})
+        st = state(DistributedType.DEEPSPEED, deepspeed=args.deepspeed_plugin)
+        check(args, "freeze=stem", tiny_model("resnet"), st)  # one learning rate: DeepSpeed's own sections are fine
+        if not sections:
+            check(args, "freeze=stem;layer_lr_decay=0.5", tiny_model("resnet"), st)
+            continue
+        with pytest.raises(FreezePolicyError, match=r"own '(optimizer|scheduler)'.*silently dropped\. Remove the"):
+            check(args, "freeze=stem;layer_lr_decay=0.5", tiny_model("resnet"), st)

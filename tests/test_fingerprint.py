@@ -96,3 +96,28 @@ def test_digests_are_device_and_layout_independent():
     assert tensor_digest(t[:, :35]) == tensor_digest(t[:, :35].contiguous())
     assert tensor_digest(torch.empty(0, 3)) != tensor_digest(torch.empty(3, 0))
     assert tensor_digest(torch.empty(2, 3, device="meta")).startswith("meta:")
+
+
+def test_scheme_2_digests_of_ordinary_tensors_are_the_ones_written_before_quantized_headers():
+    """Digests computed by hf_freeze at commit 7b19f75 (before quantized tensors' scale/zero point joined the header):
+    fingerprints and delta manifests of ordinary models written then must still match."""
+    assert tensor_digest(torch.arange(12, dtype=torch.float32).reshape(3, 4)) == "37031ed4fe16c14e24ab18c12f90e496"
+    assert tensor_digest(torch.arange(20000, dtype=torch.float32)) == "fa5e0677a908831409beb0d1990c2bab"  # 5 leaves
+    assert tensor_digest(torch.tensor([1, 2, 3], dtype=torch.int8)) == "00c10478d5b75b2922aeec0089b73bfd"
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_quantized_digests_cover_scale_zero_point_and_per_channel_parameters():
+    codes = torch.tensor([[1, -2, 3], [4, 5, -6]], dtype=torch.int8)
+    per_tensor = {(s, z): tensor_digest(torch._make_per_tensor_quantized_tensor(codes, s, z))
+                  for s in (0.01, 0.02) for z in (0, 1)}
+    assert len(set(per_tensor.values())) == 4
+    assert tensor_digest(torch._make_per_tensor_quantized_tensor(codes, 0.01, 0)) == per_tensor[(0.01, 0)]
+
+    def per_channel(scales, zeros):  # the same int8 codes every time
+        return tensor_digest(torch._make_per_channel_quantized_tensor(
+            codes, torch.tensor(scales, dtype=torch.float64), torch.tensor(zeros), 0))
+    same_codes = per_channel([0.1, 0.2], [0, 0])
+    assert same_codes == per_channel([0.1, 0.2], [0, 0])
+    assert same_codes != per_channel([0.1, 0.2000001], [0, 0]) and same_codes != per_channel([0.1, 0.2], [0, 1])
+    assert same_codes not in per_tensor.values()

@@ -2,7 +2,8 @@
 honoured or refused before training (tests/test_attack_scaling.py). Writes OUT/rank<R>.pt.
 
 A. ZeRO-2, no schedule, ``layer_lr_decay`` (per-group learning rates), with the DeepSpeed config's own
-   ``optimizer`` section (as in tests/scripts/deepspeed_train.py): which learning rates does the engine use?
+   ``optimizer`` section (as in tests/scripts/deepspeed_train.py): refused when FreezeTrainer is built? Then the same
+   without that section: which learning rates does the engine use?
 B. (not run by the tests; ``attack_deepspeed.py OUT b``) ZeRO-2 with DeepSpeed's bf16 mode spelled with its
    backward-compatible key ``"bfloat16"`` on a float32 model: the frozen weights stayed float32 (checked by hand).
 C. ``FreezeTrainer.train(resume_from_checkpoint=True)`` after a ZeRO-2 run saved checkpoints.
@@ -47,21 +48,35 @@ def attempt(name, fn):
         rec[name] = (type(e).__name__, str(e)[:500])
 
 
-# A: per-group learning rates under DeepSpeed's own optimizer
+# A: per-group learning rates under DeepSpeed's own optimizer (refused up front), then without that section (the
+# alternative the refusal names: the Trainer builds hf_freeze's optimizer and DeepSpeed wraps it)
 def run_a():
+    def build(ds, model, callbacks=None):
+        return hf_freeze.FreezeTrainer(
+            model=model, args=training_args(out / "a", max_steps=1, per_device_train_batch_size=4, deepspeed=ds,
+                                            use_cpu=False, lr_scheduler_type="constant", learning_rate=0.05),
+            train_dataset=data, freeze_policy="freeze=stem;layer_lr_decay=0.5", callbacks=callbacks)
+
+    untouched = tiny_model("resnet", seed=1)
+    before = snapshot(untouched)
+    try:
+        build(DS, untouched)
+        refusal = None
+    except hf_freeze.FreezePolicyError as e:
+        refusal = str(e)
+    refused_untouched = hf_freeze.get_state(untouched) is None and all(p.requires_grad for p in untouched.parameters()) \
+        and all(torch.equal(t, before[n]) for n, t in snapshot(untouched).items())
     model = tiny_model("resnet", seed=1)
     base = snapshot(model)
     cb = Record()
-    trainer = hf_freeze.FreezeTrainer(
-        model=model, args=training_args(out / "a", max_steps=1, per_device_train_batch_size=4, deepspeed=DS,
-                                        use_cpu=False, lr_scheduler_type="constant", learning_rate=0.05),
-        train_dataset=data, freeze_policy="freeze=stem;layer_lr_decay=0.5", callbacks=[cb])
+    trainer = build({k: v for k, v in DS.items() if k != "optimizer"}, model, [cb])
     state = hf_freeze.get_state(model)
     expected = sorted({round(0.05 * state.group_lr_scale(g), 8) for g in state.groups.names if g != "stem"})
     trainer.train()
     now = snapshot(model)
     stem = [n for n in base if n.startswith("resnet.embedder.")]
-    return {"expected": expected, "engine": cb.lrs, "deepspeed": trainer.is_deepspeed_enabled,
+    return {"refusal": refusal, "refused_untouched": refused_untouched, "expected": expected, "engine": cb.lrs,
+            "deepspeed": trainer.is_deepspeed_enabled,
             "stem_changed": [n for n in stem if not torch.equal(now[n], base[n])],
             "stage0_moved": any(n.startswith("resnet.encoder.stages.0.") and not torch.equal(now[n], base[n]) for n in base)}
 
