@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from . import _fields
 from .adapter_config import AdapterConfig
+from .cache_safety import cache_dir_problem
 from .checks import policy_problems, schedule_problems, unknown_choice
 from .errors import FreezePolicyError
 from .feature_cache import MODES
@@ -73,6 +74,8 @@ class FreezeArguments:
         problems = []
         if self.feature_cache not in MODES:
             problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
+        elif self.feature_cache != "off" and cache_dir_problem(self.feature_cache_dir, "--feature_cache_dir"):
+            problems.append(cache_dir_problem(self.feature_cache_dir, "--feature_cache_dir"))
         if self.freeze_policy_file:
             given = [f"--{flag}" for flag in self._given_flags()]
             if given:
