@@ -17,16 +17,21 @@ if it shows that caching cannot change anything:
   16 when a layer's output per example is not a multiple of ``TAIL_MULTIPLE`` values);
 * the loss and logits computed from the cached features equal those of the real step, bit for bit;
 * plus what a probe cannot see: the policy trains nothing below the head (no adapter, no ``train_bn``),
-  the dataset returns the same inputs for the same example, data loading runs in the main process, and
-  no wrapper (torch.compile, FSDP, DeepSpeed, DataParallel) computes the backbone differently.
+  data loading runs in the main process, no wrapper (torch.compile, FSDP, DeepSpeed, DataParallel) computes
+  the backbone differently, and the checks of :mod:`hf_freeze.cache_safety` pass: no Trainer subclass
+  overrides a method that sees the (index) batches, the dataset has no ``set_epoch``, and one read of every
+  example before training, in the batches the cache is built from, draws no random numbers and gives each
+  example the row it gets when collated alone (a padding or mixing collator fails this); the build's own
+  read must then give the same bits (an augmentation with a private generator fails this).
 
 **Same computation.** Features are computed lazily at the first training step, after the checkpoint of a
 resumed run is loaded and the unfreeze events already due have fired (a phase that is over is never
 cached), with the model's own forward (as ``compute_loss`` calls it, the same batch size and autocast); a
 forward hook takes the backbone's output and stops the forward there.
 
-**Key.** A digest of the backbone's tensors as they are when the features are computed, of the model
-class/config, device type, autocast dtype, batch size and torch version, and of every training batch.
+**Key.** A digest of the backbone's tensors as they are when the features are computed, of its modules (each
+submodule's class, its attributes such as a pooling layer's, its forward hooks), of the model class/config,
+device type, autocast dtype, batch size and the torch and transformers versions, and of every training batch.
 
 **Storage.** ``memory``: per process. ``disk``: one safetensors file per key (fixed-shape tensors, any
 dtype, no ``datasets`` needed) whose header carries the digest of every tensor; a file that fails the

@@ -6,7 +6,8 @@ fails before anything changes. A test that documents a break is marked ``xfail(s
 and asserts the *promised* behaviour, so removing the mark is the fix's acceptance test.
 
 Tiny ResNet (BatchNorm included), 32 images, batch 8 (4 optimizer steps per epoch), CPU. Figures: 36 attempts
-(with parameters); 23 break a promise (xfail, reason starts with BUG), 13 hold.
+(with parameters); 17 break a promise (xfail, reason starts with BUG), 19 hold (6 of them feature-cache
+breaks fixed on branch fixcache).
 """
 
 from __future__ import annotations
