@@ -566,10 +566,10 @@ def _data_pass(model, backbone, plan: Plan, size: int, fetch, prepare, *, comput
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in plan.fields}
     labels = []
     with _rng_preserved(), torch.no_grad():
-        for start in tqdm(range(0, plan.n, size), disable=not progress, unit="batch",
-                          desc="hf_freeze: caching backbone features" if compute else "hf_freeze: digesting the data"):
-            rows = min(size, plan.n - start)
-            raw = fetch([(start + j) % plan.n for j in range(size)])  # the last batch filled up from the start
+        for ids in tqdm(build_batches(plan.n, size), disable=not progress, unit="batch",
+                        desc="hf_freeze: caching backbone features" if compute else "hf_freeze: digesting the data"):
+            start, rows = ids[0], min(size, plan.n - ids[0])
+            raw = fetch(ids)  # the last batch filled up from the start
             digest = batch_digest(raw)
             if start == 0 and size == plan.batch_size and digest != plan.first_digest:
                 raise DataChanged("the first batch differs from the one the probe read")
