@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from . import _fields
 from .adapter_config import AdapterConfig
+from .cache_safety import cache_dir_problem
 from .checks import model_source_problem, policy_problems, schedule_problems, unknown_choice
 from .errors import FreezePolicyError
 from .feature_cache import MODES
@@ -78,6 +79,8 @@ class FreezeArguments:
         problems = []
         if self.feature_cache not in MODES:
             problems.append(unknown_choice("--feature_cache", self.feature_cache, MODES))
+        elif self.feature_cache != "off" and cache_dir_problem(self.feature_cache_dir, "--feature_cache_dir"):
+            problems.append(cache_dir_problem(self.feature_cache_dir, "--feature_cache_dir"))
         try:
             parse_size(self.feature_cache_max_memory)
         except FreezePolicyError as e:

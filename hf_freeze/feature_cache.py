@@ -17,16 +17,21 @@ if it shows that caching cannot change anything:
   16 when a layer's output per example is not a multiple of ``TAIL_MULTIPLE`` values);
 * the loss and logits computed from the cached features equal those of the real step, bit for bit;
 * plus what a probe cannot see: the policy trains nothing below the head (no adapter, no ``train_bn``),
-  the dataset returns the same inputs for the same example, data loading runs in the main process, and
-  no wrapper (torch.compile, FSDP, DeepSpeed, DataParallel) computes the backbone differently.
+  data loading runs in the main process, no wrapper (torch.compile, FSDP, DeepSpeed, DataParallel) computes
+  the backbone differently, and the checks of :mod:`hf_freeze.cache_safety` pass: no Trainer subclass
+  overrides a method that sees the (index) batches, the dataset has no ``set_epoch``, and one read of every
+  example before training, in the batches the cache is built from, draws no random numbers and gives each
+  example the row it gets when collated alone (a padding or mixing collator fails this); the build's own
+  read must then give the same bits (an augmentation with a private generator fails this).
 
 **Same computation.** Features are computed lazily at the first training step, after the checkpoint of a
 resumed run is loaded and the unfreeze events already due have fired (a phase that is over is never
 cached), with the model's own forward (as ``compute_loss`` calls it, the same batch size and autocast); a
 forward hook takes the backbone's output and stops the forward there.
 
-**Key.** A digest of the backbone's tensors as they are when the features are computed, of the model
-class/config, device type, autocast dtype, batch size and torch version, and of every training batch.
+**Key.** A digest of the backbone's tensors as they are when the features are computed, of its modules (each
+submodule's class, its attributes such as a pooling layer's, its forward hooks), of the model class/config,
+device type, autocast dtype, batch size and the torch and transformers versions, and of every training batch.
 
 **Storage.** ``memory``: per process. ``disk``: one safetensors file per key (fixed-shape tensors, any
 dtype, no ``datasets`` needed) whose header carries the digest of every tensor; a file that fails the
@@ -42,7 +47,6 @@ import importlib
 import json
 import logging
 import os
-import random
 import socket
 import sys
 import time
@@ -50,13 +54,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
+import transformers
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import cache_safety as safety
+from .cache_safety import batch_digest, identical
 from .checks import unknown_choice
 from .errors import FreezePolicyError
 from .fingerprint import combined, digests, tensor_digest
@@ -100,9 +106,14 @@ def backbone_module(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def resolve_mode(explicit: str | None, args) -> str:
+    """The cache mode (``feature_cache=`` of the Trainer, else of the arguments); FreezePolicyError for an unknown
+    mode, or a ``feature_cache_dir`` that cannot be a folder while a cache may be used."""
     mode = explicit or getattr(args, "feature_cache", None) or "auto"
     if mode not in MODES:
         raise FreezePolicyError(unknown_choice("feature_cache", mode, MODES))
+    problem = mode != "off" and safety.cache_dir_problem(getattr(args, "feature_cache_dir", None))
+    if problem:
+        raise FreezePolicyError(problem)
     return mode
 
 
@@ -158,46 +169,21 @@ def setup_refusal(args, *, compiled: bool, sharded: str | None, custom_loss: boo
 
 
 def dataset_refusal(dataset, fetch: Callable[[list[int]], dict]) -> str | None:
-    """Whether the dataset can be indexed and returns the same inputs for the same example."""
-    if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
-        return "the training dataset has no length (an iterable dataset cannot be indexed)"
-    if len(dataset) == 0:
-        return "the training dataset is empty"
-    with _rng_preserved():
-        for i in range(min(4, len(dataset))):  # 3 reads each: a random flip (p=0.5) slips through 1 time in 256
-            if len({batch_digest(fetch([i])) for _ in range(3)}) > 1:
-                return "the dataset returns different pixels for the same example (random augmentation)"
-    return None
+    """Whether the dataset can be indexed, keeps its examples across epochs (no ``set_epoch``) and returns the
+    same inputs for the same example: the first 4 and 12 spread up to the last are read 3 times each, and no read
+    may draw random numbers (:func:`hf_freeze.cache_safety.reads_refusal`). Cheap, before the probe; the whole
+    dataset is checked by :func:`hf_freeze.cache_safety.read_pass` before training."""
+    return safety.dataset_refusal(dataset) or safety.reads_refusal(fetch, safety.spread(len(dataset)))
+
+
+def build_batches(n: int, size: int) -> list[list[int]]:
+    """The batches a cache is computed in: consecutive examples, the last batch filled up from the start."""
+    return [[(start + j) % n for j in range(size)] for start in range(0, n, size)]
 
 
 # =========================================================================== RNG, buffers, digests
 
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
-
-
-def _set_rng(state: tuple) -> None:
-    cpu, cuda, np_state, py_state = state
-    torch.set_rng_state(cpu)
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(np_state)
-    random.setstate(py_state)
-
-
-def _same_rng(a: tuple, b: tuple) -> bool:
-    return (torch.equal(a[0], b[0]) and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
-            and a[2][0] == b[2][0] and np.array_equal(a[2][1], b[2][1]) and a[2][2:] == b[2][2:] and a[3] == b[3])
-
-
-@contextlib.contextmanager
-def _rng_preserved():
-    state = _rng_state()
-    try:
-        yield state
-    finally:
-        _set_rng(state)
+_rng_state, _set_rng, _same_rng, _rng_preserved = safety.rng_state, safety.set_rng, safety.same_rng, safety.rng_preserved
 
 
 @contextlib.contextmanager
@@ -228,14 +214,6 @@ def _training_mode(model: nn.Module):
             m.training = flag
 
 
-def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if not a.numel():
-        return True
-    return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
-
-
 def output_tensors(out, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a (nested) model output, by path."""
     if isinstance(out, torch.Tensor):
@@ -250,14 +228,6 @@ def output_tensors(out, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not identical(a[k], b[k]))
-
-
-def batch_digest(batch: dict) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(batch):
-        v = batch[k]
-        h.update(f"{k}:{tensor_digest(v) if isinstance(v, torch.Tensor) else repr(v)};".encode())
-    return h.hexdigest()
 
 
 def _config_digest(model: nn.Module) -> str:
@@ -379,6 +349,7 @@ class Plan:
     batch_size: int
     first_digest: str
     autocast: str
+    data_digest: str = ""  # of every batch of ``batch_size`` as the build reads them, taken before training
 
 
 @dataclass
@@ -533,11 +504,12 @@ class FeatureCache:
         if mode == "disk" and folder.is_dir():
             clean_stale_temps(folder)
             known += [p.name.removesuffix(".safetensors") for p in folder.glob(f"{prefix}-*.safetensors")]
-        data = None
+        data = plan.data_digest if size == plan.batch_size and plan.data_digest else None
         passes = dict(model=model, backbone=backbone, plan=plan, size=size, fetch=fetch, prepare=prepare,
                       progress=progress)
-        if known:  # something is cached for these weights: digest the data first, compute only on a miss
+        if data is None and known:  # something is cached for these weights: digest the data, compute only on a miss
             data = _data_pass(**passes, compute=False)[0]
+        if data is not None:
             key = f"{prefix}-{data[:20]}-{plan.n}"
             if key in _MEMORY:
                 cache = _MEMORY[key].to(device)
@@ -586,19 +558,23 @@ def _remember(cache: FeatureCache) -> None:
 
 
 def model_key(inner: nn.Module, plan: Plan, device: torch.device, size: int) -> str:
-    """Digest of everything but the data that determines the cached features, taken now."""
+    """Digest of everything but the data that determines the cached features, taken now: the backbone's tensors
+    and modules (classes, attributes such as a pooling layer's, forward hooks), the model class and config, the
+    torch and transformers versions, device type, autocast, batch size and the fields kept."""
     backbone = getattr(inner, plan.backbone)
     return weights_key(inner, dict((*backbone.named_parameters(), *backbone.named_buffers())), FORMAT, plan.backbone,
-                       device, plan.autocast, size, ",".join(plan.fields))
+                       device, plan.autocast, size, ",".join(plan.fields), modules=backbone)
 
 
 def weights_key(inner: nn.Module, tensors: dict[str, torch.Tensor], fmt: str, module: str, device: torch.device,
-                autocast: str, *parts) -> str:
+                autocast: str, *parts, modules: nn.Module | None = None) -> str:
     """The model side of a cache key (both caches key through here, :mod:`hf_freeze.prefix_cache` too): the digests
-    of ``tensors`` (what computes the cached output of ``module``), the model's class and config, torch, device,
-    autocast and the cache's own ``parts``."""
+    of ``tensors`` (what computes the cached output of ``module``), the model's class and config, torch and
+    transformers, device, autocast, the cache's own ``parts`` and, given ``modules``, their classes, attributes and
+    hooks (:func:`hf_freeze.cache_safety.modules_digest`)."""
     return combined(digests(tensors), fmt, f"{type(inner).__module__}.{type(inner).__qualname__}", module,
-                    torch.__version__, device.type, autocast, *parts, _config_digest(inner))
+                    torch.__version__, transformers.__version__, device.type, autocast, *parts, _config_digest(inner),
+                    safety.modules_digest(modules) if modules is not None else "")
 
 
 def _data_pass(model, backbone, plan: Plan, size: int, fetch, prepare, *, compute: bool, progress: bool):
@@ -607,10 +583,10 @@ def _data_pass(model, backbone, plan: Plan, size: int, fetch, prepare, *, comput
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in plan.fields}
     labels = []
     with _rng_preserved(), torch.no_grad():
-        for start in tqdm(range(0, plan.n, size), disable=not progress, unit="batch",
-                          desc="hf_freeze: caching backbone features" if compute else "hf_freeze: digesting the data"):
-            rows = min(size, plan.n - start)
-            raw = fetch([(start + j) % plan.n for j in range(size)])  # the last batch filled up from the start
+        for ids in tqdm(build_batches(plan.n, size), disable=not progress, unit="batch",
+                        desc="hf_freeze: caching backbone features" if compute else "hf_freeze: digesting the data"):
+            start, rows = ids[0], min(size, plan.n - ids[0])
+            raw = fetch(ids)  # the last batch filled up from the start
             digest = batch_digest(raw)
             if start == 0 and size == plan.batch_size and digest != plan.first_digest:
                 raise DataChanged("the first batch differs from the one the probe read")
@@ -814,16 +790,19 @@ class FeatureCacheTrainerMixin:
             return f"the probe's training forward failed ({type(e).__name__}: {e})", None
         if found.refusal:
             return found.refusal, None
+        dataset, collator = self._real_source()
+        batches = build_batches(n, b)
+        show = not self.args.disable_tqdm and self.args.should_log
+        reason, data = safety.read_pass(dataset, collator, batches, total=len(batches),
+                                        desc="hf_freeze: checking the data for the feature cache" if show else None)
+        if reason:
+            return reason, None
         return None, Plan(backbone_module(self.model)[0], found.fields, found.output_cls, n, b, batch_digest(raw),
-                          found.autocast)
+                          found.autocast, data)
 
     def _override_refusal(self) -> str | None:
-        """A subclass's training_step/compute_loss would receive index batches it does not expect."""
-        for name, owner in (("compute_loss", FeatureCacheTrainerMixin), ("training_step", None)):
-            cls = next(c for c in type(self).__mro__ if name in c.__dict__)
-            if cls is not owner and not (owner is None and cls.__module__.startswith("transformers.")):
-                return f"{cls.__name__} overrides {name}, which would receive batches of example indices"
-        return None
+        """A subclass's method that would receive index batches it does not expect (see ``cache_safety``)."""
+        return safety.override_refusal(type(self))
 
     def get_train_dataloader(self):
         self.feature_cache, self._feature_cache_plan, self.feature_cache_info = None, None, {}

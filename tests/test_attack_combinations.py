@@ -6,7 +6,8 @@ fails before anything changes. A test that documents a break is marked ``xfail(s
 and asserts the *promised* behaviour, so removing the mark is the fix's acceptance test.
 
 Tiny ResNet (BatchNorm included), 32 images, batch 8 (4 optimizer steps per epoch), CPU. Figures: 36 attempts
-(with parameters); 23 break a promise (xfail, reason starts with BUG), 13 hold.
+(with parameters); 17 break a promise (xfail, reason starts with BUG), 19 hold (6 of them feature-cache
+breaks fixed on branch fixcache).
 """
 
 from __future__ import annotations
@@ -188,9 +189,6 @@ def pad_collate(items):
     return {"pixel_values": pixels, "labels": torch.stack([it["labels"] for it in items])}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with a collator whose output depends on the batch (padding to the "
-                   "batch's largest image) the probe's sample batches look fine, the cache is built from sequential "
-                   "batches and training on it silently differs from the uncached run")
 def test_cache_with_a_padding_collator_equals_off_or_is_refused(base_dir, tmp_path):
     runs = {}
     for cache in ("off", "auto"):
@@ -202,9 +200,6 @@ def test_cache_with_a_padding_collator_equals_off_or_is_refused(base_dir, tmp_pa
     assert differing(tensors(runs["auto"].model), tensors(runs["off"].model)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the cache key digests the backbone's tensors and config but not its "
-                   "modules: after swapping the pooling layer (no parameters) the next run in the process silently "
-                   "trains the head on the previous model's cached features")
 def test_cache_after_changing_a_parameterless_backbone_module_equals_off(base_dir, tmp_path):
     make(base_dir, tmp_path / "avg", "backbone", feature_cache="auto").train()  # fills the in-memory cache
 
@@ -362,9 +357,6 @@ def test_eval_only_trainer_leaves_the_model_as_its_report_says(base_dir, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------- disk cache: bad dir, full disk
-@pytest.mark.xfail(strict=True, reason="BUG (unclear, late error): feature_cache_dir naming an existing file is "
-                   "accepted by the arguments and fails at the first training step with a bare FileExistsError that "
-                   "does not mention feature_cache_dir")
 def test_feature_cache_dir_that_is_a_file_is_refused_up_front(base_dir, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises((FreezePolicyError, ValueError), match="feature_cache_dir"):
@@ -520,9 +512,6 @@ class _EpochShifted(TinyImages):
         return {"pixel_values": item["pixel_values"] + 0.5 * self.epoch, "labels": item["labels"]}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with the cache the Trainer's dataloader wraps IndexDataset, so the real "
-                   "dataset's set_epoch() is never called: a dataset whose pixels follow the epoch is trained on its "
-                   "epoch-0 features, silently unlike the uncached run")
 def test_cache_with_a_dataset_that_has_set_epoch_equals_off_or_is_refused(base_dir, tmp_path):
     off = make(base_dir, tmp_path / "off", "backbone", train=_EpochShifted(n=32), num_train_epochs=3)
     off.train()
@@ -540,9 +529,6 @@ class _Normalising(FreezeTrainer):
         return inputs
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the default feature_cache='auto' hands index batches to a subclass's "
-                   "_prepare_inputs override (only compute_loss/training_step overrides are refused): KeyError "
-                   "'pixel_values' at the first step of a run that trains fine with feature_cache='off'")
 def test_cache_with_a_prepare_inputs_override_equals_off_or_is_refused(base_dir, tmp_path):
     runs = {}
     for cache in ("off", "auto"):
@@ -669,9 +655,6 @@ class _RareClassFlips(TinyImages):
         return {"pixel_values": pixels, "labels": item["labels"]}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: random augmentation of only some examples (the rare class, at the end) "
-                   "slips past the check, which re-reads the first 4 examples only: the cache freezes one random draw "
-                   "and training silently differs from the uncached run")
 def test_cache_with_random_augmentation_of_a_rare_class_equals_off_or_is_refused(base_dir, tmp_path):
     off = make(base_dir, tmp_path / "off", "backbone", train=_RareClassFlips(), num_train_epochs=3)
     off.train()

@@ -28,13 +28,13 @@ def fresh_memory():
 
 
 def train(tmp_path, mode, model=None, policy="backbone", dataset=None, trainer_cls=FreezeTrainer, name=None,
-          resume=None, callbacks=None, **args):
+          resume=None, callbacks=None, data_collator=None, **args):
     """One FreezeTrainer run on 20 images (batches of 8, 8, 4), 2 epochs; returns the trainer and the weights."""
     model = model if model is not None else tiny_model("resnet", seed=2)
     args = {"num_train_epochs": 2, "logging_steps": 50, **args}
     trainer = trainer_cls(model=model, args=training_args(tmp_path / (name or mode), **args),
                           train_dataset=dataset if dataset is not None else TinyImages(n=20),
-                          freeze_policy=policy, feature_cache=mode, callbacks=callbacks)
+                          freeze_policy=policy, feature_cache=mode, callbacks=callbacks, data_collator=data_collator)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, snapshot(model)
 
@@ -121,6 +121,60 @@ class OwnLoss(FreezeTrainer):
         return super().compute_loss(model, inputs, **kw)
 
 
+class OwnPrepare(FreezeTrainer):
+    def _prepare_input(self, data):
+        return super()._prepare_input(data)
+
+
+class OneAugmented(TinyImages):
+    """Random flips of example 17 only, which the cheap check before the probe does not read (``spread(20)``)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        if i == 17 and torch.rand(()) < 0.5:
+            item = {**item, "pixel_values": item["pixel_values"].flip(-1)}
+        return item
+
+
+class PrivatelyAugmented(TinyImages):
+    """Noise on example 17 from the dataset's own generator: no global generator moves, only the bits differ."""
+
+    def __init__(self, n):
+        super().__init__(n=n)
+        self.gen = torch.Generator().manual_seed(1)
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        if i == 17:
+            item = {**item, "pixel_values": item["pixel_values"] + torch.randn(item["pixel_values"].shape,
+                                                                                generator=self.gen)}
+        return item
+
+
+class PerEpoch(TinyImages):
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+class Mixed(TinyImages):
+    """Example 11 is larger than the others (48x48): a padding collator pads its batch mates."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "pixel_values": torch.zeros(3, 48, 48) + 0.5} if i == 11 else item
+
+
+def pad_collate(items):
+    size = max(it["pixel_values"].shape[-1] for it in items)
+    pixels = torch.zeros(len(items), 3, size, size)
+    for k, it in enumerate(items):
+        p = it["pixel_values"]
+        pixels[k, :, :p.shape[1], :p.shape[2]] = p
+    return {"pixel_values": pixels, "labels": torch.stack([it["labels"] for it in items])}
+
+
 PROBED = {  # the probe runs the real training forward and sees these
     "vit_attention_dropout": (lambda: vit(attention_probs_dropout_prob=0.1), "draws random numbers"),
     "vit_hidden_dropout": (lambda: vit(hidden_dropout_prob=0.1), "draws random numbers"),
@@ -140,6 +194,10 @@ STATIC = {  # policy, arguments, dataset, Trainer
     "torch_compile": (dict(torch_compile=True), "torch.compile"),
     "compute_loss_func": (dict(compute_loss_func=True), "compute_loss_func"),
     "compute_loss_override": (dict(trainer_cls=OwnLoss), "overrides compute_loss"),
+    "prepare_input_override": (dict(trainer_cls=OwnPrepare), "overrides _prepare_input"),
+    "set_epoch": (dict(dataset=PerEpoch(n=20)), "set_epoch"),
+    "padding_collator": (dict(dataset=Mixed(n=20), data_collator=pad_collate), "depends on the other examples"),
+    "augmentation_of_one_example": (dict(dataset=OneAugmented(n=20)), "draws random numbers"),
 }
 
 
@@ -177,7 +235,7 @@ def test_where_the_head_cache_is_refused_a_frozen_prefix_may_serve(tmp_path, cas
     assert [i["boundary"] for i in on.prefix_cache_info] == [PREFIX_SERVES[case]]
 
 
-@pytest.mark.parametrize("case", ["vit_attention_dropout", "augmentation"])
+@pytest.mark.parametrize("case", ["vit_attention_dropout", "augmentation", "augmentation_of_one_example"])
 def test_auto_falls_back_to_exactly_the_uncached_run(tmp_path, case):
     def setup():
         if case in PROBED:
@@ -204,6 +262,91 @@ def test_bad_mode_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(FreezePolicyError, match="valid: auto, off, memory, disk"):
         FreezeTrainer(model=model, args=training_args(tmp_path), feature_cache="always")
     assert hf_freeze.get_state(model) is None
+
+
+def test_augmentation_with_a_private_generator_is_seen_by_the_second_read(tmp_path):
+    """No global generator moves and the cheap check misses example 17: the read before training and the build's
+    read disagree, so a forced cache is refused at the first step, before the first update."""
+    assert 17 not in fc.safety.spread(20)
+    model = tiny_model("resnet", seed=2)
+    before = snapshot(model)
+    with pytest.raises(FreezePolicyError, match="different pixels"):
+        train(tmp_path, "memory", model, dataset=PrivatelyAugmented(n=20))
+    assert differing(before, snapshot(model)) == []
+    auto, _ = train(tmp_path, "auto", dataset=PrivatelyAugmented(n=20))
+    assert "different pixels" in auto.feature_cache_refusal and auto.feature_cache is None
+
+
+def test_collator_check_compares_each_row_with_the_example_collated_alone():
+    from transformers import default_data_collator
+
+    from hf_freeze.cache_safety import collator_refusal
+
+    same = [TinyImages(n=4)[i] for i in range(4)]
+    mixed = [Mixed(n=20)[i] for i in (10, 11, 12)]
+    assert collator_refusal(default_data_collator, same) is None
+    assert collator_refusal(pad_collate, same) is None  # nothing to pad: the rows are the examples' own
+    assert "example 10 depends on the other examples" in collator_refusal(pad_collate, mixed, indices=[10, 11, 12])
+
+    def mixup(items):
+        batch = default_data_collator(items)
+        return {**batch, "pixel_values": 0.5 * (batch["pixel_values"] + batch["pixel_values"].flip(0))}
+
+    assert "depends on the other examples" in collator_refusal(mixup, same)
+
+
+def test_overrides_that_would_see_index_batches_are_named():
+    from hf_freeze.cache_safety import override_refusal
+
+    class Batches(FreezeTrainer):
+        def get_batch_samples(self, *a, **kw):
+            return super().get_batch_samples(*a, **kw)
+
+    assert override_refusal(FreezeTrainer) is None
+    assert "OwnPrepare overrides _prepare_input" in override_refusal(OwnPrepare)
+    assert "Batches overrides get_batch_samples" in override_refusal(Batches)
+
+
+def test_the_key_covers_the_backbone_modules_not_only_its_tensors(tmp_path):
+    """Same tensors and config, another computation: the modules' digest (part of the cache key) changes."""
+    from hf_freeze.cache_safety import modules_digest
+
+    model = tiny_model("resnet", seed=2)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = type(model).from_pretrained(tmp_path / "m")
+    digest = modules_digest(model.resnet)
+    assert modules_digest(reloaded.resnet) == digest  # loading bookkeeping (name_or_path) is left out
+    reloaded.resnet.pooler = nn.AdaptiveMaxPool2d((1, 1))
+    assert modules_digest(reloaded.resnet) != digest
+    conv = model.resnet.embedder.embedder.convolution
+    conv.stride = (1, 1)
+    assert modules_digest(model.resnet) != digest
+    conv.stride = (2, 2)
+    assert modules_digest(model.resnet) == digest
+    handle = conv.register_forward_hook(lambda m, a, out: out * 2)
+    assert modules_digest(model.resnet) != digest
+    handle.remove()
+    # end to end: the in-memory cache of the average-pooled model is not served to a max-pooled one
+    first, _ = train(tmp_path, "memory", tiny_model("resnet", seed=2), name="avg")
+    maxed = tiny_model("resnet", seed=2)
+    maxed.resnet.pooler = nn.AdaptiveMaxPool2d((1, 1))
+    second, _ = train(tmp_path, "memory", maxed, name="max")
+    assert first.feature_cache_info["source"] == second.feature_cache_info["source"] == "computed"
+    assert first.feature_cache_info["key"] != second.feature_cache_info["key"]
+
+
+@pytest.mark.parametrize("where", ["file", "inside_a_file"])
+def test_a_cache_dir_that_cannot_be_a_folder_is_refused_before_anything_changes(tmp_path, where):
+    (tmp_path / "afile").write_text("not a folder")
+    folder = str(tmp_path / "afile") if where == "file" else str(tmp_path / "afile" / "features")
+    with pytest.raises(FreezePolicyError, match="--feature_cache_dir .* a file, not a folder"):
+        training_args(tmp_path, feature_cache="disk", feature_cache_dir=folder)
+    args = training_args(tmp_path, feature_cache="off", feature_cache_dir=folder)  # off: the folder is never used
+    model = tiny_model("resnet")
+    with pytest.raises(FreezePolicyError, match="feature_cache_dir .* a file, not a folder"):
+        FreezeTrainer(model=model, args=args, train_dataset=TinyImages(n=20), freeze_policy="backbone",
+                      feature_cache="disk")
+    assert hf_freeze.get_state(model) is None and not (tmp_path / "out").exists()
 
 
 # =========================================================================== resume, disk
