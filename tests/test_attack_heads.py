@@ -58,19 +58,18 @@ def plain_refuses_without_trust(folder) -> str:
 
 
 # --------------------------------------------------------------------------- it travels: every way of saving
-@pytest.mark.xfail(strict=True, reason="BUG: apply_policy + model.save_pretrained writes config.json with the "
-                   "original model_type and no custom code: plain transformers loads it with a silently re-initialised head")
 def test_apply_policy_then_save_pretrained_travels_to_plain_transformers(tmp_path):
     model = tiny_model("resnet")
     hf_freeze.apply_policy(model, POLICY)
     model.save_pretrained(tmp_path / "f")
     assert "trust_remote_code=True" in plain_refuses_without_trust(tmp_path / "f")
     plain = AutoModelForImageClassification.from_pretrained(tmp_path / "f", trust_remote_code=True)
-    assert torch.equal(logits(plain), logits(model))
+    # the same tensors; logits compared with hf_freeze's reload (a freshly built Linear and a loaded one may take
+    # different CPU kernels: 3e-8 apart on the same weights, measured here)
+    assert same_tensors(snapshot(plain), snapshot(model))
+    assert torch.equal(logits(plain), logits(hf_freeze.from_pretrained(tmp_path / "f")))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a model reloaded by hf_freeze.from_pretrained and saved again with "
-                   "save_pretrained loses the custom code: plain transformers silently re-initialises the head")
 def test_reloaded_head_model_saved_again_with_save_pretrained_still_travels(tmp_path):
     trainer = trainer_for(tmp_path, max_steps=2)
     trainer.train()
@@ -86,15 +85,13 @@ def _fail_writing_head_code(monkeypatch):
     real = Path.write_text
 
     def write_text(self, *args, **kwargs):
-        if self.name == HEAD_MODELING_CODE:
+        if HEAD_MODELING_CODE in self.name:  # the file itself or a temporary copy of it: the disk is full
             raise OSError(28, "No space left on device")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a save that fails after the weights (disk full writing the head's code) "
-                   "leaves config.json with the original model_type: plain transformers loads a re-initialised head")
 def test_save_failing_while_writing_the_head_code_never_leaves_a_silently_wrong_folder(tmp_path, monkeypatch):
     trainer = trainer_for(tmp_path, max_steps=2)
     trainer.train()
@@ -105,8 +102,6 @@ def test_save_failing_while_writing_the_head_code_never_leaves_a_silently_wrong_
     assert plain_refuses_without_trust(tmp_path / "f") != "loaded"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: saving again into a good head folder and failing mid-save (disk full) "
-                   "turns the folder into one plain transformers loads with a re-initialised head")
 def test_second_save_into_the_same_folder_failing_keeps_the_folder_loadable_or_refused(tmp_path, monkeypatch):
     trainer = trainer_for(tmp_path, max_steps=2)
     trainer.train()
@@ -326,8 +321,6 @@ def test_policy_file_with_a_head_installs_it_on_a_fresh_model(tmp_path):
     assert isinstance(trainer.model.classifier[1], MLPHead)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the policy search calls two candidates that differ only in their head "
-                   "'train the same way' and refuses them")
 def test_search_over_candidates_that_differ_only_in_the_head(tmp_path):
     pytest.importorskip("optuna")
     from hf_freeze import search_freeze_policies
