@@ -205,8 +205,6 @@ def test_reloaded_head_folder_trains_on_with_a_delta_on_that_folder(tmp_path):
     assert torch.equal(logits(hf_freeze.from_pretrained(tmp_path / "d")), logits(second.model))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hf_freeze.from_pretrained(folder, num_labels=5, "
-                   "ignore_mismatched_sizes=True) raises TypeError from __init__ where transformers changes the labels")
 def test_from_pretrained_with_new_num_labels_like_plain_transformers(tmp_path):
     trainer = trainer_for(tmp_path, max_steps=2)
     trainer.train()
