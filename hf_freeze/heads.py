@@ -146,9 +146,19 @@ def with_head(cls: type) -> type:
                 write_head_code(save_directory)
             return out
 
+        def __reduce_ex__(self, protocol):  # pickled as "with_head(cls)": the class itself has no importable name
+            return (_new_with_head, (cls,), *object.__reduce_ex__(self, protocol)[2:])
+
         _WITH_HEAD[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "save_pretrained": save_pretrained,
-                                                      "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+                                                      "__reduce_ex__": __reduce_ex__, "__module__": cls.__module__,
+                                                      "__qualname__": cls.__qualname__})
     return _WITH_HEAD[cls]
+
+
+def _new_with_head(cls: type):
+    """An empty instance of ``with_head(cls)`` (what unpickling a model with a head starts from)."""
+    sub = with_head(cls)
+    return sub.__new__(sub)
 
 
 _TRAVELLING: dict[tuple[type, str], type] = {}

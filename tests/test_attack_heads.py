@@ -81,6 +81,20 @@ def test_reloaded_head_model_saved_again_with_save_pretrained_still_travels(tmp_
     assert torch.equal(logits(plain), logits(trainer.model))
 
 
+def test_a_model_with_a_head_pickles_deep_copies_and_still_travels(tmp_path):
+    import copy
+    import pickle
+
+    model = tiny_model("resnet")
+    hf_freeze.apply_policy(model, POLICY)
+    for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(twin) is type(model) and same_tensors(snapshot(twin), snapshot(model))
+        assert torch.equal(logits(twin), logits(model))
+    twin.save_pretrained(tmp_path / "f")
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["model_type"] == "hf_freeze_head-resnet"
+    assert (tmp_path / "f" / HEAD_MODELING_CODE).is_file()
+
+
 def _fail_writing_head_code(monkeypatch):
     real = Path.write_text
 
