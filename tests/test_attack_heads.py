@@ -282,6 +282,31 @@ def test_timm_model_with_head_travels_to_a_process_without_hf_freeze(tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt"), logits(model))
 
 
+def test_swiftformer_two_classifiers_travel_through_the_trainer_save(tmp_path):
+    trainer = trainer_for(tmp_path, model=tiny_model("swiftformer"), max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "f"))
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "f", trust_remote_code=True)
+    assert torch.equal(logits(plain), logits(trainer.model))
+    assert torch.equal(logits(hf_freeze.from_pretrained(tmp_path / "f")), logits(trainer.model))
+
+
+def test_head_none_flag_on_a_model_carrying_a_head_is_refused_before_the_output_folder(tmp_path):
+    model = tiny_model("resnet")
+    hf_freeze.apply_policy(model, POLICY)
+    before = snapshot(model)
+    args = training_args(tmp_path / "x", max_steps=1, head="none", freeze="backbone")
+    with pytest.raises(FreezePolicyError, match="already carries head"):
+        FreezeTrainer(model=model, args=args, train_dataset=TinyImages(8))
+    assert not (tmp_path / "x" / "out").exists() and same_tensors(before, snapshot(model))
+
+
+def test_head_on_a_bf16_model_is_built_in_bf16():
+    model = tiny_model("resnet").to(torch.bfloat16)
+    hf_freeze.apply_policy(model, POLICY)
+    assert {p.dtype for p in model.classifier.parameters()} == {torch.bfloat16}
+
+
 # --------------------------------------------------------------------------- with the other features
 def test_bf16_autocast_with_a_head_keeps_the_backbone_and_saves_the_trained_weights(tmp_path):
     trainer = trainer_for(tmp_path, max_steps=2, bf16=True)
