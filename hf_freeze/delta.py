@@ -309,7 +309,10 @@ def from_pretrained(repo_or_dir: str | os.PathLike, *, revision: str | None = No
     if not has_full_weights(folder):
         raise FileNotFoundError(f"{repo_or_dir} holds no model: expected {DELTA_MANIFEST} (hf_freeze delta), "
                                 f"{ADAPTER_FILES[0]} (PEFT adapter) or model.safetensors (full checkpoint)")
+    # config attributes among kwargs (num_labels=..., id2label=...) go to the config, as transformers does when it
+    # reads the config itself; the rest (dtype, ignore_mismatched_sizes, ...) to the loading
     config = folder_config(folder)
+    config, kwargs = type(config).from_dict(config.to_dict(), return_unused_kwargs=True, **kwargs)
     cls = classifier_class(config)
     if installed_head(config) is not None:  # a task-specific head: built in __init__, then loaded with the rest
         cls = with_head(cls)

@@ -90,6 +90,39 @@ def head_spec_of(config: dict) -> dict | None:
     return spec if isinstance(spec, dict) and spec.get("base_model_type") else None
 
 
+def head_model_type(spec: dict) -> str:
+    """The custom model type of a folder whose model carries the head ``spec`` (``hf_freeze_head-<type>``)."""
+    return HEAD_MODEL_TYPE.format(base=spec["base_model_type"])
+
+
+#: the ``auto_map`` of a folder whose model carries a head: transformers builds the classes from the folder's code
+HEAD_AUTO_MAP = {"AutoConfig": f"{HEAD_CONFIG_CODE.removesuffix('.py')}.{HEAD_CONFIG_CLASS}",
+                 "AutoModelForImageClassification": f"{HEAD_MODELING_CODE.removesuffix('.py')}.{HEAD_MODEL_CLASS}"}
+
+
+def write_head_files(folder: str | os.PathLike, spec: dict) -> list[str]:
+    """Write the two code files that rebuild the head ``spec`` (the config and model classes) into ``folder``."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    values = dict(base_class=spec["base_class"], base_config=spec["base_config"],
+                  config_class=HEAD_CONFIG_CLASS, model_class=HEAD_MODEL_CLASS, key=HEAD_KEY,
+                  config_module=HEAD_CONFIG_CODE.removesuffix(".py"), model_type=head_model_type(spec))
+    head_source = (Path(__file__).with_name("_head_module.py")).read_text()
+    _write_atomically(out / HEAD_CONFIG_CODE, _CONFIG_CODE.format(**values))
+    _write_atomically(out / HEAD_MODELING_CODE, head_source + _MODELING_CODE.format(**values))
+    return [HEAD_CONFIG_CODE, HEAD_MODELING_CODE]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds either its old content or ``text``, never a part (a crash or a full disk mid-write)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_head_code(folder: str | os.PathLike) -> list[str]:
     """Make a full-weight folder whose ``config.json`` records a head loadable by plain transformers.
 
@@ -98,30 +131,22 @@ def write_head_code(folder: str | os.PathLike) -> list[str]:
     ``auto_map`` to two small files written beside it: a config class and a model class subclassing the original
     transformers classes, whose ``__init__`` installs the head (the source of :mod:`hf_freeze._head_module`, copied).
     A folder without full weights (a delta, an adapter) keeps the original type; stale code files are removed.
-    Returns the files written.
+    The code files are written before ``config.json`` names them, each file atomically. Returns the files written.
     """
     out = Path(folder)
     config_path = out / CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     spec = head_spec_of(config)
     if spec is None or not has_full_weights(out) or is_delta(out):
+        if spec is not None and config.get("model_type") != spec["base_model_type"]:
+            _write_atomically(config_path, json.dumps(original_config(config), indent=2, sort_keys=True) + "\n")
         for name in (HEAD_CONFIG_CODE, HEAD_MODELING_CODE):
             (out / name).unlink(missing_ok=True)
-        if spec is not None and config.get("model_type") != spec["base_model_type"]:
-            config_path.write_text(json.dumps(original_config(config), indent=2, sort_keys=True) + "\n")
         return []
-    values = dict(base_class=spec["base_class"], base_config=spec["base_config"],
-                  config_class=HEAD_CONFIG_CLASS, model_class=HEAD_MODEL_CLASS, key=HEAD_KEY,
-                  config_module=HEAD_CONFIG_CODE.removesuffix(".py"),
-                  model_type=HEAD_MODEL_TYPE.format(base=spec["base_model_type"]))
-    head_source = (Path(__file__).with_name("_head_module.py")).read_text()
-    (out / HEAD_CONFIG_CODE).write_text(_CONFIG_CODE.format(**values))
-    (out / HEAD_MODELING_CODE).write_text(head_source + _MODELING_CODE.format(**values))
-    config.update(model_type=values["model_type"], auto_map={
-        "AutoConfig": f"{values['config_module']}.{HEAD_CONFIG_CLASS}",
-        "AutoModelForImageClassification": f"{HEAD_MODELING_CODE.removesuffix('.py')}.{HEAD_MODEL_CLASS}"})
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return [HEAD_CONFIG_CODE, HEAD_MODELING_CODE, CONFIG_FILE]
+    written = write_head_files(out, spec)
+    config.update(model_type=head_model_type(spec), auto_map=dict(HEAD_AUTO_MAP))
+    _write_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [*written, CONFIG_FILE]
 
 
 def original_config(config: dict) -> dict:

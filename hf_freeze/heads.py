@@ -10,11 +10,14 @@ to rebuild; :mod:`hf_freeze.folder` turns such a folder into one plain transform
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from ._head_module import MLPHead, install_heads
 from .architectures import ARCHITECTURES, TIMM_MODEL_TYPE, timm_classifier
 from .errors import FreezePolicyError
+from .folder import HEAD_AUTO_MAP, head_model_type, write_head_code, write_head_files
 from .head_config import HeadConfig
 
 #: the config attribute recording an installed head
@@ -103,13 +106,16 @@ def check_head(model: nn.Module, head: HeadConfig | None) -> dict | None:
 
 def install_head(model: nn.Module, head: HeadConfig | None) -> list[str]:
     """Replace the classifier(s) of ``model`` by ``head`` (idempotent; checked first, nothing changes on an error);
-    returns the paths replaced now."""
+    returns the paths replaced now. A transformers model becomes its :func:`with_head` class, so that every
+    ``save_pretrained`` of it (with or without a policy, a Trainer, hf_freeze) writes a folder that travels."""
     spec = check_head(model, head)
     if spec is None:
         return []
     replaced = install_heads(model, spec)
     if getattr(model, "config", None) is not None:
         setattr(model.config, CONFIG_KEY, spec)
+        if callable(getattr(type(model), "save_pretrained", None)):
+            model.__class__ = with_head(type(model))
     return replaced
 
 
@@ -119,15 +125,68 @@ _WITH_HEAD: dict[type, type] = {}
 def with_head(cls: type) -> type:
     """A subclass of a transformers classifier class (same name) whose ``__init__`` installs the head its config
     records: ``from_pretrained`` then loads the head's tensors like any other (what the folder's own modeling file
-    does, without running that file)."""
+    does, without running that file); its ``save_pretrained`` writes the folder's custom code first and a
+    ``config.json`` that names it from the first write (:func:`travelling_config`): a save that fails or is killed
+    part-way never leaves a folder plain transformers would load with a re-initialised head."""
+    if cls in _WITH_HEAD.values():
+        return cls
     if cls not in _WITH_HEAD:
         def __init__(self, config, *args, **kwargs):
             cls.__init__(self, config, *args, **kwargs)
             install_heads(self, getattr(config, CONFIG_KEY))
 
-        _WITH_HEAD[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            spec = getattr(self.config, CONFIG_KEY, None)
+            main = kwargs.get("is_main_process", True) and isinstance(spec, dict)
+            if main:
+                write_head_files(save_directory, spec)
+            with travelling_config(self.config if main else None):
+                out = cls.save_pretrained(self, save_directory, *args, **kwargs)
+            if main:
+                write_head_code(save_directory)
+            return out
+
+        def __reduce_ex__(self, protocol):  # pickled as "with_head(cls)": the class itself has no importable name
+            return (_new_with_head, (cls,), *object.__reduce_ex__(self, protocol)[2:])
+
+        _WITH_HEAD[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "save_pretrained": save_pretrained,
+                                                      "__reduce_ex__": __reduce_ex__, "__module__": cls.__module__,
                                                       "__qualname__": cls.__qualname__})
     return _WITH_HEAD[cls]
+
+
+def _new_with_head(cls: type):
+    """An empty instance of ``with_head(cls)`` (what unpickling a model with a head starts from)."""
+    sub = with_head(cls)
+    return sub.__new__(sub)
+
+
+_TRAVELLING: dict[tuple[type, str], type] = {}
+
+
+@contextlib.contextmanager
+def travelling_config(config):
+    """Inside this block ``config`` serialises as the folder's custom-code config (``hf_freeze_head-<type>``,
+    ``auto_map``), so ``config.json`` never names the original type beside a head's weights; restored after."""
+    spec = getattr(config, CONFIG_KEY, None) if config is not None else None
+    if not isinstance(spec, dict):
+        yield
+        return
+    cls, model_type = type(config), head_model_type(spec)
+    if (cls, model_type) not in _TRAVELLING:
+        _TRAVELLING[cls, model_type] = type(cls.__name__, (cls,), {"model_type": model_type, "__module__": cls.__module__,
+                                                                  "__qualname__": cls.__qualname__})
+    missing = object()
+    auto_map = config.__dict__.get("auto_map", missing)
+    config.__class__, config.auto_map = _TRAVELLING[cls, model_type], dict(HEAD_AUTO_MAP)
+    try:
+        yield
+    finally:
+        config.__class__ = cls
+        if auto_map is missing:
+            config.__dict__.pop("auto_map", None)
+        else:
+            config.auto_map = auto_map
 
 
 def base_model_type(config) -> str | None:

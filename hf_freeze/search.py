@@ -205,7 +205,8 @@ def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset(), 
     The resolved plan: frozen parameters; unfreeze events with their groups and LR scales, timed by the step they fire
     at when ``timing`` is known (else by their epoch/step value), without the events that fire only after the last of
     ``run_steps`` optimizer steps (no update trains their groups); the layer-wise LR scale of each group that ever
-    trains; ``train_bn``/``unfreeze_bn`` only where they change a BatchNorm layer; the adapter.
+    trains; ``train_bn``/``unfreeze_bn`` only where they change a BatchNorm layer; the adapter; the task-specific head
+    (a different head is a different model, even where the plan over ``groups`` is the same).
     """
     plan = resolve(policy, groups, timing)
     effective = [e for e in plan.events if not (timing and run_steps is not None and timing.fire_step(e) >= run_steps)]
@@ -218,7 +219,8 @@ def policy_key(policy: FreezePolicy, groups, bn_groups: set[str] = frozenset(), 
                    for e in effective)
     scales = tuple(sorted((g, s) for g, s in plan.depth_scale.items() if g in trained))
     adapter = policy.adapter.to_string() if policy.adapter is not None else None
-    return (plan.frozen_params, events, scales, train_bn, unfreeze_bn, adapter)
+    head = policy.head.to_string() if policy.head is not None else None
+    return (plan.frozen_params, events, scales, train_bn, unfreeze_bn, adapter, head)
 
 
 def norm_groups(model, groups) -> set[str]:
@@ -229,18 +231,19 @@ def norm_groups(model, groups) -> set[str]:
 
 
 #: the FreezeTrainingArguments fields a trial sets (plus ``learning_rate`` when several are searched)
-TRIAL_FIELDS = ("freeze", "unfreeze", "train_bn", "unfreeze_bn", "layer_lr_decay")
+TRIAL_FIELDS = ("freeze", "unfreeze", "train_bn", "unfreeze_bn", "layer_lr_decay", "head")
 
 
 def trial_fields(policy: FreezePolicy) -> dict:
     """The ``FreezeTrainingArguments`` fields a trial sets (``Trainer._hp_search_setup``) for ``policy``."""
     if policy.adapter is not None or not policy.verify:
         raise FreezePolicyError(f"search candidate {policy.to_string()!r}: a search trial sets freeze, unfreeze, "
-                                "train_bn, unfreeze_bn and layer_lr_decay only (no adapter, verify stays on)")
+                                "train_bn, unfreeze_bn, layer_lr_decay and head only (no adapter, verify stays on)")
     f = policy.freeze
     return {"freeze": ",".join(f) if isinstance(f, list) else str(f),
             "unfreeze": ",".join(u.to_string() for u in policy.unfreeze),
-            "train_bn": policy.train_bn, "unfreeze_bn": policy.unfreeze_bn, "layer_lr_decay": policy.layer_lr_decay}
+            "train_bn": policy.train_bn, "unfreeze_bn": policy.unfreeze_bn, "layer_lr_decay": policy.layer_lr_decay,
+            "head": policy.head.to_string() if policy.head is not None else None}
 
 
 def make_hp_space(policies: list[FreezePolicy], learning_rates: list[float] | None = None):
