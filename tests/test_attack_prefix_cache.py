@@ -212,8 +212,6 @@ class AugmentRare(TinyImages):
         return item
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a random augmentation of examples outside the first batch passes the dataset "
-                   "check; the prefix cache freezes one draw of it and training silently differs from off")
 def test_augmentation_of_a_rare_class_is_refused_or_equals_off(tmp_path):
     torch.manual_seed(0)
     off, w_off = run(tmp_path, "off", resnet(), "freeze=stem:stage.0", dataset=AugmentRare(),
@@ -340,8 +338,6 @@ def test_ctrl_c_during_a_rebuild_then_train_again(tmp_path, monkeypatch):
     append, calls = pc.DiskSink.append, {"n": 0}
 
     def interrupted(self, name, rows):
-        if "stages.0" not in str(self.path) and "building" in str(self.path):
-            pass
         calls["n"] += 1
         if calls["n"] == 9:  # 2 blocks of the first boundary file (leaf + labels x 3 batches = 6), then the second
             raise KeyboardInterrupt
@@ -360,8 +356,6 @@ def test_ctrl_c_during_a_rebuild_then_train_again(tmp_path, monkeypatch):
     off, on = same_as_off(tmp_path, resnet, GRADUAL, mode="disk", **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a full disk (ENOSPC) while auto spills the prefix cache crashes training "
-                   "mid-run (after weights changed) instead of falling back to the real examples")
 def test_full_disk_while_spilling_falls_back_or_refuses(tmp_path, monkeypatch, caplog):
     """auto with a cache over the memory limit writes a spill file; the disk is full (ENOSPC on write). The promise:
     the same training as off (trained on the real examples with a logged reason), never a crash mid-run."""
