@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import time
@@ -758,7 +759,9 @@ class PrefixCache:
                             {**entries, "labels": (torch.int64, (plan.n,))})
         try:
             digest = _pass(model, plan, fetch, prepare, sink, progress)
-            if data is not None and digest != data:
+            if data is None:  # every example read a second time, under another random state: augmentation shows
+                data = _pass(model, plan, fetch, prepare, None, progress)
+            if digest != data:
                 raise fc.DataChanged("the dataset returned different inputs on a second read")
             key = f"{prefix}-{digest[:20]}-{plan.n}"
             cache = sink.finish(cls, plan, key, folder, keep)
@@ -828,11 +831,26 @@ def model_key(inner: nn.Module, plan: PrefixPlan, device: torch.device) -> str:
                           plan.pixels)
 
 
+#: the random state a digest-only pass reads the data under: another state than the pass that fills the cache (which
+#: starts from the run's), so that a random augmentation of any example shows as a different digest
+DIGEST_SEED = 0x5EED
+
+
+def _reseeded(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _pass(model, plan: PrefixPlan, fetch, prepare, sink, progress: bool) -> str:
-    """One pass over the data in batches of the plan's size: the data digest, and (``sink``) the rows stored."""
+    """One pass over the data in batches of the plan's size: the data digest, and (``sink``) the rows stored.
+    Without a sink (a digest-only pass) the data is read under :data:`DIGEST_SEED`; the run's random state is
+    restored after either."""
     h = hashlib.blake2b(digest_size=16)
     size = plan.batch_size
     with fc._rng_preserved(), torch.no_grad():
+        if sink is None:
+            _reseeded(DIGEST_SEED)
         for start in tqdm(range(0, plan.n, size), disable=not progress, unit="batch",
                           desc="hf_freeze: caching the frozen prefix" if sink else "hf_freeze: digesting the data"):
             rows = min(size, plan.n - start)
@@ -1009,6 +1027,14 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
             self._prefix_refused, self._prefix_plan = tuple(plan.groups), None
             self.prefix_cache_refusal = f"the dataset returns different pixels for the same example ({e})"
             logger.info("hf_freeze: no frozen-prefix cache: %s", self.prefix_cache_refusal)
+            return None
+        except OSError as e:  # the spill file cannot be written (a full disk): auto trains on the real examples
+            if storage != "disk" or mode != "auto":
+                raise
+            self._prefix_refused, self._prefix_plan = tuple(plan.groups), None
+            self.prefix_cache_refusal = (f"the prefix cache at {plan.boundary} ({human(need)}, over "
+                                         f"feature_cache_max_memory) could not be written to disk ({e})")
+            logger.warning("hf_freeze: %s; training on the real examples", self.prefix_cache_refusal)
             return None
         self.prefix_cache_info.append({
             "boundary": plan.boundary, "groups": list(plan.groups), "key": cache.key, "storage": cache.storage,
