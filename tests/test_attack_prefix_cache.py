@@ -220,7 +220,9 @@ def test_augmentation_of_a_rare_class_is_refused_or_equals_off(tmp_path):
     auto, w_auto = run(tmp_path, "auto", resnet(), "freeze=stem:stage.0", dataset=AugmentRare(),
                        per_device_train_batch_size=8)
     assert differing(w_off, w_auto) == []
-    assert served(auto) == 0 and "different pixels" in (auto.prefix_cache_refusal or "")
+    # caught by the shared read pass (a random draw while reading) or by the build's reseeded second read
+    refusal = auto.prefix_cache_refusal or ""
+    assert served(auto) == 0 and ("random augmentation" in refusal or "different pixels" in refusal), refusal
 
 
 class AugmentAll(TinyImages):
@@ -233,12 +235,12 @@ def test_random_augmentation_refused_by_memory_and_auto_equals_off(tmp_path):
     model = resnet()
     before = snapshot(model)
     with pytest.raises(FreezePolicyError, match="random augmentation"):
-        run(tmp_path, "memory", model, GRADUAL, dataset=AugmentAll(n=10), name="refused")
+        run(tmp_path, "memory", model, GRADUAL, dataset=AugmentAll(n=10), name="refused", num_train_epochs=4)
     assert differing(before, snapshot(model)) == []
     torch.manual_seed(0)
-    off, w_off = run(tmp_path, "off", resnet(), GRADUAL, dataset=AugmentAll(n=10), num_train_epochs=3)
+    off, w_off = run(tmp_path, "off", resnet(), GRADUAL, dataset=AugmentAll(n=10), num_train_epochs=4)
     torch.manual_seed(0)
-    auto, w_auto = run(tmp_path, "auto", resnet(), GRADUAL, dataset=AugmentAll(n=10), num_train_epochs=3)
+    auto, w_auto = run(tmp_path, "auto", resnet(), GRADUAL, dataset=AugmentAll(n=10), num_train_epochs=4)
     assert served(auto) == 0 and differing(w_off, w_auto) == []
 
 
