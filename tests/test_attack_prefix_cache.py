@@ -420,7 +420,7 @@ def test_resume_with_a_changed_batch_size_in_disk_mode(tmp_path):
     ("timm_wrapper", "freeze=backbone;unfreeze=step1:2,epoch1:1"),
 ])
 def test_other_tiny_architectures_with_mixed_events(tmp_path, arch, policy):
-    same_as_off(tmp_path, lambda: tiny_model(arch, seed=2), policy, num_train_epochs=1)
+    same_as_off(tmp_path, lambda: tiny_model(arch, seed=2), policy, num_train_epochs=2)  # epoch1 fires after epoch 1
 
 
 def test_timm_wrapper_static_bf16(tmp_path):
@@ -430,8 +430,8 @@ def test_timm_wrapper_static_bf16(tmp_path):
 
 def test_copy_of_a_served_trainer_model_is_clean(tmp_path):
     """The trained model, deep-copied after a cached run, computes the same logits as the uncached run's model."""
-    off, _ = run(tmp_path, "off", resnet(), GRADUAL, num_train_epochs=2)
-    on, _ = run(tmp_path, "memory", resnet(), GRADUAL, num_train_epochs=2)
+    off, _ = run(tmp_path, "off", resnet(), GRADUAL, num_train_epochs=4)
+    on, _ = run(tmp_path, "memory", resnet(), GRADUAL, num_train_epochs=4)
     x = TinyImages(n=4, seed=9).pixels
     a, b = copy.deepcopy(on.model).eval(), copy.deepcopy(off.model).eval()
     with torch.no_grad():
