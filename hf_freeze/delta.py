@@ -37,6 +37,8 @@ from .folder import (
     DELTA_MANIFEST,
     DELTA_WEIGHTS,
     FULL_WEIGHTS,
+    HEAD_CONFIG_CODE,
+    HEAD_MODELING_CODE,
     POLICY_FILE,
     has_full_weights,
     is_adapter,
@@ -217,7 +219,8 @@ def save_delta(model: nn.Module, output_dir: str | os.PathLike, *, base_model: s
     dtypes = {str(t.dtype).removeprefix("torch.") for n, t in named_tensors(model).items() if n in frozen and t.is_floating_point()}
     manifest = DeltaManifest(base, revision, frozen, sorted(tensors), dtype=",".join(sorted(dtypes)) or "float32")
     config = getattr(model, "config", None)
-    with staged(Path(output_dir), replaces=FULL_WEIGHTS) as tmp:  # a failed write leaves the folder as it was
+    # a failed write leaves the folder as it was; a delta folder carries no head code (plain transformers cannot load it)
+    with staged(Path(output_dir), replaces=(*FULL_WEIGHTS, HEAD_CONFIG_CODE, HEAD_MODELING_CODE)) as tmp:
         save_file(tensors, tmp / DELTA_WEIGHTS, metadata={"format": "pt", "hf_freeze": DELTA_FORMAT,
                                                          "base_model": base, "fingerprint": manifest.fingerprint})
         manifest.save(tmp)

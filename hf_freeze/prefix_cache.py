@@ -64,6 +64,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
+from . import cache_safety as safety
 from . import feature_cache as fc
 from .architectures import ARCHITECTURES
 from .errors import FreezePolicyError
@@ -902,6 +903,10 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
             return reason, None
         n, size = len(self.train_dataset), self._train_batch_size
         b = min(size, n)
+        dataset, collator = self._real_source()  # the shared read pass: random draws, batch-dependent collators
+        reason, _ = safety.read_pass(dataset, collator, fc.build_batches(n, b), total=len(fc.build_batches(n, b)))
+        if reason:
+            return reason, None
         first = fc.batch_digest(self._real_batch(range(b)))
 
         def loss_fn(inputs):

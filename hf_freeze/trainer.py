@@ -314,7 +314,7 @@ def _policy_source(training_args) -> str:
     """How the arguments set their policy, in the words of their flags."""
     if getattr(training_args, "freeze_policy_file", None):
         return f"--freeze_policy_file {training_args.freeze_policy_file}"
-    given = getattr(training_args, "_given_flags", None)
+    given = getattr(training_args, "given_flags", None)
     flags = given() if callable(given) else []
     return ", ".join(f"--{flag} {getattr(training_args, flag)}" for flag in flags) or "freeze flags"
 

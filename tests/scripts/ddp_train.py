@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import TinyImages, snapshot, tiny_model, training_args  # noqa: E402
@@ -25,6 +26,8 @@ rank = dist.get_rank()
 state = hf_freeze.get_state(model)
 torch.save({"final": snapshot(model), "pretrained": pretrained, "world_size": dist.get_world_size(),
             "unfrozen": dict(state.unfrozen), "frozen": sorted(state.frozen),
-            "first_batch": next(iter(trainer.get_train_dataloader()))["pixel_values"].sum().item()}, out / f"rank{rank}.pt")
+            # the Trainer's own loader (the caches' loaders hand out example indices): which examples this rank reads
+            "first_batch": next(iter(transformers.Trainer.get_train_dataloader(trainer)))["pixel_values"].sum().item()},
+           out / f"rank{rank}.pt")
 dist.barrier()
 dist.destroy_process_group()
