@@ -69,6 +69,26 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) if a.numel() else True
 
 
+def differing(a: dict, b: dict) -> list[str]:
+    """Names whose tensors are not bit-identical between two snapshots of the same set of tensors."""
+    assert sorted(a) == sorted(b)
+    return [n for n in a if not identical(a[n], b[n])]
+
+
+def tiny_vit(**config):
+    """A tiny random ViT whose widths are multiples of 32 (the caches' probe's short position check applies)."""
+    from transformers import ViTForImageClassification
+
+    from hf_freeze.tiny import tiny_config
+
+    torch.manual_seed(2)
+    cfg = tiny_config("vit")
+    cfg.intermediate_size = 64
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    return ViTForImageClassification(cfg)
+
+
 def changed_names(before: dict, model) -> list[str]:
     now = snapshot(model)
     return [n for n in before if not identical(before[n], now[n])]

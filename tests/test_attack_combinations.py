@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import StopAt, TinyImages, identical, tiny_model, training_args
+from helpers import StopAt, TinyImages, differing, identical, snapshot, tiny_model, training_args
 from transformers import TrainerCallback
 
 import hf_freeze
@@ -47,13 +47,7 @@ def make(base_dir, out, policy, *, model=None, callbacks=(), train=None, eval_da
 
 
 def tensors(model) -> dict[str, torch.Tensor]:
-    model = unwrap_model(model)
-    return {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
-
-
-def differing(a: dict, b: dict) -> list[str]:
-    assert sorted(a) == sorted(b)
-    return [n for n in a if not identical(a[n], b[n])]
+    return snapshot(unwrap_model(model))
 
 
 def group_names(model, group):
@@ -590,6 +584,7 @@ class _Arm(TrainerCallback):
 def test_ctrl_c_during_the_disk_cache_build_then_train_again_on_the_same_trainer(base_dir, tmp_path):
     ref = make(base_dir, tmp_path / "ref", SCHEDULE)
     ref.train()
+    hf_freeze.feature_cache._MEMORY.clear()  # an earlier test's in-process cache would serve instead of a build
     data = _InterruptedRead(n=32)
     cache = tmp_path / "cache"
     t = make(base_dir, tmp_path / "run", SCHEDULE, train=data, feature_cache="disk", feature_cache_dir=str(cache),

@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import StopAt, TinyImages, identical, tiny_model, training_args
+from helpers import StopAt, TinyImages, differing, identical, snapshot, tiny_model, training_args
 from transformers import Trainer, TrainerCallback
 
 import hf_freeze
@@ -60,13 +60,7 @@ def plain(base_dir, out, policy=SCHEDULE, *, model=None, callbacks=(), **kw):
 
 
 def tensors(model) -> dict[str, torch.Tensor]:
-    model = unwrap_model(model)
-    return {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
-
-
-def differing(a: dict, b: dict) -> list[str]:
-    assert sorted(a) == sorted(b)
-    return [n for n in a if not identical(a[n], b[n])]
+    return snapshot(unwrap_model(model))
 
 
 def drop(trainer, cls):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from helpers import ROOT, StopAt, TinyImages, identical, snapshot, tiny_model, training_args
+from helpers import tiny_vit as vit
 from torch import nn
 from transformers import TrainerCallback
 
@@ -41,19 +42,6 @@ def train(tmp_path, mode, model=None, policy="backbone", dataset=None, trainer_c
 
 def differing(a, b):
     return [n for n in a if not identical(a[n], b[n])]
-
-
-def vit(**config):
-    from transformers import ViTForImageClassification
-
-    from hf_freeze.tiny import tiny_config
-
-    torch.manual_seed(2)
-    cfg = tiny_config("vit")
-    cfg.intermediate_size = 64  # widths that are multiples of 32: the probe's short position check applies
-    for k, v in config.items():
-        setattr(cfg, k, v)
-    return ViTForImageClassification(cfg)
 
 
 # =========================================================================== same training
