@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -118,13 +119,31 @@ def human(n: float) -> str:
 
 # =========================================================================== where the prefix is
 
-def leading_frozen(state) -> list[str]:
-    """The groups from the input on that are entirely frozen (stops at the first trainable group and at the head)."""
+def leading_frozen(state, frozen: set[str] | None = None) -> list[str]:
+    """The groups from the input on that are entirely frozen (stops at the first trainable group and at the head);
+    ``frozen``: these parameter names instead of the state's frozen ones."""
+    frozen = state.frozen if frozen is None else frozen
     out = []
     for g in state.groups:
-        if g.name == "head" or not set(g.param_names) <= state.frozen:
+        if g.name == "head" or not set(g.param_names) <= frozen:
             break
         out.append(g.name)
+    return out
+
+
+def later_prefixes(state) -> list[list[str]]:
+    """The leading frozen groups after each unfreeze event still to fire, in firing order: the prefixes the schedule
+    will reach (a prefix equal to the one before it, and what follows an empty one, left out)."""
+    frozen, last, out = set(state.frozen), leading_frozen(state), []
+    for event in state.plan.events[state.events_done:]:
+        for g in event.groups:
+            frozen -= set(state.groups[g].param_names) - state.user_frozen
+        lead = leading_frozen(state, frozen)
+        if not lead:
+            break
+        if lead != last:
+            out.append(lead)
+            last = lead
     return out
 
 
@@ -241,14 +260,22 @@ def tracing(model: nn.Module, names: list[str], *, stop: str | None = None, keep
             record.buffers_changed = [k for k, v in start["buffers"].items() if not fc.identical(v, now[k])]
 
 
+def boundary_outputs(model: nn.Module, boundaries: list[str], batch: dict) -> tuple[dict, dict]:
+    """What each module of ``boundaries`` returns (and under which autocast) when ``model`` runs on ``batch``; the
+    forward stops right after the first of them (the deepest: the others run before it, their outputs are copied)."""
+    with tracing(unwrap_model(model), boundaries, stop=boundaries[0], keep=True) as record:
+        model(**batch)
+    for boundary in boundaries:
+        if record.calls[boundary] != 1:
+            raise RuntimeError(f"{boundary} ran {record.calls[boundary]} times in one forward")
+    return {b: record.outputs[b] for b in boundaries}, {b: record.autocast[b] for b in boundaries}
+
+
 def boundary_output(model: nn.Module, boundary: str, batch: dict):
     """What module ``boundary`` returns (and under which autocast) when ``model`` runs on ``batch``; the forward stops
     right there."""
-    with tracing(unwrap_model(model), [boundary], stop=boundary, keep=False) as record:
-        model(**batch)
-    if record.calls[boundary] != 1:
-        raise RuntimeError(f"{boundary} ran {record.calls[boundary]} times in one forward")
-    return record.outputs[boundary], record.autocast[boundary]
+    outs, autocast = boundary_outputs(model, [boundary], batch)
+    return outs[boundary], autocast[boundary]
 
 
 # =========================================================================== what a prefix output looks like
@@ -367,6 +394,9 @@ class PrefixPlan:
 class PrefixProbe:
     refusal: str | None
     plan: PrefixPlan | None = None
+    #: plans for the prefixes the schedule reaches later (:func:`later_prefixes`) that passed every check but the
+    #: training step, which :func:`recheck` makes when they are due; their rows are computed in the same pass
+    ahead: list[PrefixPlan] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -391,14 +421,83 @@ def _same_grads(a, b) -> bool:
     return all((x is None and y is None) or (x is not None and y is not None and fc.identical(x, y)) for x, y in zip(a, b))
 
 
+def _module_problem(run: list[str], i: int, a: _Trace, b: _Trace, size: int) -> str | None:
+    """Why the output of ``run[i]`` (the prefix ``run[:i + 1]``) cannot be cached (None: it can), from two traced
+    forwards of one batch (``a`` in training mode with grad, ``b`` without)."""
+    name = run[i]
+    layout, ragged_out = Structure.of(a.outputs[name], size)
+    if any(a.calls[m] != 1 for m in run[:i + 1]):
+        return f"{[m for m in run[:i + 1] if a.calls[m] != 1][0]} runs more than once in one forward"
+    if a.rng_moved[name] or b.rng_moved[name]:
+        return (f"the prefix up to {name} draws random numbers in training mode (dropout, attention dropout, "
+                "drop-path or stochastic depth): its output differs at every epoch")
+    if changed := [k for k in a.buffers_changed + b.buffers_changed if k.startswith(tuple(f"{m}." for m in run[:i + 1]))]:
+        return f"the prefix up to {name} changes its buffers in training mode ({changed[:3]})"
+    if ragged_out:
+        return f"{name}'s {ragged_out}"
+    if differ := fc._differing(fc.output_tensors(a.outputs[name]), fc.output_tensors(b.outputs[name])):
+        return f"{name} gives different outputs for the same batch ({differ[:3]}): not deterministic"
+    if not layout.rows:
+        return f"{name} returns no tensor"
+    return None
+
+
+def _deepest(run: list[str], a: _Trace, b: _Trace, size: int) -> tuple[int | None, str | None]:
+    """The index in ``run`` of the deepest module whose output can be cached, or None and why not."""
+    problem = None
+    for i in range(len(run) - 1, -1, -1):
+        problem = _module_problem(run, i, a, b, size)
+        if problem is None:
+            return i, None
+    return None, problem
+
+
+def _step_problem(inner: nn.Module, loss_fn: Callable, params, cache: PrefixCache, real, rng0, restore) -> str | None:
+    """Does one training step from the cached rows ``0..size-1`` give the real step's loss, logits, every gradient
+    and buffer? ``real``: (loss, outputs, grads, buffers after) of the real step on those examples."""
+    loss, outputs, grads, after = real
+    boundary, size = cache.plan.boundary, cache.plan.batch_size
+    restore()
+    fc._set_rng(rng0)
+    try:
+        with cache.serving(inner, torch.arange(size)) as inputs:
+            c_loss, c_outputs = loss_fn(inputs)
+        c_grads = _grads(c_loss, params)
+    except Exception as e:  # the code between the prefix modules needs their real outputs
+        return f"the model cannot run from {boundary}'s output ({type(e).__name__}: {e})"
+    c_after = list(inner.buffers())
+    if not fc.identical(loss, c_loss) or fc._differing(fc._logits(outputs), fc._logits(c_outputs)):
+        return (f"the loss or logits computed from {boundary}'s cached output differ from the real step's (the model "
+                "reads something besides that output)")
+    if not _same_grads(grads, c_grads):
+        return f"the gradients computed from {boundary}'s cached output differ from the real step's"
+    if not all(fc.identical(x, y) for x, y in zip(after, c_after)):
+        return f"the buffers after a step from {boundary}'s cached output differ from the real step's"
+    return None
+
+
+def _real_step(inner, loss_fn, sample, params, names):
+    """The real training step on ``sample``, traced over ``names``: (trace, (loss, outputs, grads, buffers after))."""
+    with tracing(inner, names) as a:
+        loss, outputs = loss_fn(dict(sample))
+    grads = _grads(loss, params)
+    return a, (loss, outputs, grads, [b.detach().clone() for b in inner.buffers()])
+
+
+def _leaf_dict(layout: Structure, out) -> dict[str, torch.Tensor]:
+    return {str(k): v for k, v in layout.tensors(out).items()}
+
+
 def probe(model: nn.Module, loss_fn: Callable, fetch: Callable[[list[int]], dict], n: int, size: int,
-          first_digest: str, context: Callable = contextlib.nullcontext) -> PrefixProbe:
+          first_digest: str, context: Callable = contextlib.nullcontext, later: list[list[str]] = ()) -> PrefixProbe:
     """Find the deepest frozen module whose output can be cached, and check that training from it is the real step.
 
     ``loss_fn(inputs) -> (loss, outputs)``: the Trainer's compute_loss under its context managers, model in training
     mode (grad enabled: the probe compares gradients). ``fetch(rows)``: the collated, prepared batch of those
     examples; ``n`` examples, batches of ``size``; ``context()``: the forward's context as the cache is filled
-    (the run's autocast).
+    (the run's autocast). ``later``: the frozen groups of the prefixes the schedule reaches later; the deepest
+    cacheable module of each (another one than this boundary) gets a plan in ``ahead``, checked now in everything
+    but the training step (whose trainable groups are not those of now).
     """
     inner = unwrap_model(model)
     state = get_state(inner)
@@ -413,10 +512,7 @@ def probe(model: nn.Module, loss_fn: Callable, fetch: Callable[[list[int]], dict
     pixels = sample["pixel_values"]
     with fc._rng_preserved() as rng0, fc._buffers_kept(inner) as restore, _trainable_as_state(inner, state) as params:
         restore()
-        with tracing(inner, names) as a:
-            loss, outputs = loss_fn(dict(sample))
-        grads = _grads(loss, params)
-        after = [b.detach().clone() for b in inner.buffers()]
+        a, real = _real_step(inner, loss_fn, sample, params, names)
         restore()
         with tracing(inner, names) as b, torch.no_grad():
             loss_fn(dict(sample))
@@ -429,81 +525,101 @@ def probe(model: nn.Module, loss_fn: Callable, fetch: Callable[[list[int]], dict
             run.append(name)
         if not run:
             return PrefixProbe(f"the first module to run ({a.order[0] if a.order else 'none'}) is not in a frozen group")
-        problem, cut = None, None
-        for i in range(len(run) - 1, -1, -1):  # the deepest module that passes
-            name = run[i]
-            layout, ragged_out = Structure.of(a.outputs[name], size)
-            if any(a.calls[m] != 1 for m in run[:i + 1]):
-                problem = f"{[m for m in run[:i + 1] if a.calls[m] != 1][0]} runs more than once in one forward"
-            elif a.rng_moved[name] or b.rng_moved[name]:
-                problem = (f"the prefix up to {name} draws random numbers in training mode (dropout, attention dropout, "
-                           "drop-path or stochastic depth): its output differs at every epoch")
-            elif changed := [k for k in a.buffers_changed + b.buffers_changed if k.startswith(tuple(f"{m}." for m in run[:i + 1]))]:
-                problem = f"the prefix up to {name} changes its buffers in training mode ({changed[:3]})"
-            elif ragged_out:
-                problem = f"{name}'s {ragged_out}"
-            elif differ := fc._differing(fc.output_tensors(a.outputs[name]), fc.output_tensors(b.outputs[name])):
-                problem = f"{name} gives different outputs for the same batch ({differ[:3]}): not deterministic"
-            elif not layout.rows:
-                problem = f"{name} returns no tensor"
-            else:
-                cut, problem = i, None
-                break
+        cut, problem = _deepest(run, a, b, size)
         if cut is None:
             return PrefixProbe(problem)
-        boundary = run[cut]
-        layout, _ = Structure.of(a.outputs[boundary], size)
-        stand_ins = {m: Structure.of(a.outputs[m], size)[0] for m in run[:cut]}
+
+        def plan_at(groups: list[str], i: int) -> PrefixPlan:
+            boundary = run[i]
+            return PrefixPlan(list(groups), boundary, run[:i], Structure.of(a.outputs[boundary], size)[0],
+                              {m: Structure.of(a.outputs[m], size)[0] for m in run[:i]},
+                              (tuple(pixels.shape[1:]), pixels.dtype), n, size, first_digest, a.autocast[boundary],
+                              sorted(n_ for g in groups for n_ in (*state.groups[g].param_names,
+                                                                   *state.groups[g].buffer_names)))
+
+        plan = plan_at(frozen_groups, cut)
+        ahead = []
+        for groups in later:  # the prefix of modules of those groups; its deepest cacheable one, if not taken yet
+            lead = list(itertools.takewhile(lambda m, g=frozenset(groups): owned[m] in g, run))
+            j, _ = _deepest(lead, a, b, size)
+            if j is not None and run[j] not in {plan.boundary, *(p.boundary for p in ahead)}:
+                ahead.append(plan_at(groups, j))
 
         def features(rows, raw=False):  # as the cache is filled: the model's forward, stopped at the boundary, no grad
             restore()
             with context(), torch.no_grad():
-                out, _ = boundary_output(inner, boundary, fetch(rows))
-            return out if raw else {str(k): v for k, v in layout.tensors(out).items()}
+                outs, _ = boundary_outputs(inner, [p.boundary for p in (plan, *ahead)], fetch(rows))
+            if raw:
+                return outs
+            return {f"{k}/{p.boundary}": v for p in (plan, *ahead)
+                    for k, v in _leaf_dict(p.layout, outs[p.boundary]).items()}
 
         filled = features(list(range(size)), raw=True)
-        if not layout.matches(filled):
-            return PrefixProbe(f"{boundary}'s output has another structure or memory layout in the no-grad forward "
-                               "that fills the cache than in the training forward")
-        first = {str(k): v for k, v in layout.tensors(filled).items()}
-        seen = {str(k): v for k, v in layout.tensors(a.outputs[boundary]).items()}
-        if fc._differing(first, seen):
-            return PrefixProbe(f"{boundary}'s output differs between the training forward and the no-grad forward "
-                               "that fills the cache")
+        kept = []
+        for p in (plan, *ahead):
+            if not p.layout.matches(filled[p.boundary]):
+                problem = (f"{p.boundary}'s output has another structure or memory layout in the no-grad forward that "
+                           "fills the cache than in the training forward")
+            elif fc._differing(_leaf_dict(p.layout, filled[p.boundary]), _leaf_dict(p.layout, a.outputs[p.boundary])):
+                problem = (f"{p.boundary}'s output differs between the training forward and the no-grad forward that "
+                           "fills the cache")
+            else:
+                kept.append(p)
+                continue
+            if p is plan:
+                return PrefixProbe(problem)
+        ahead = kept[1:]
         ragged = any(a.ragged[m] for m in run[:cut + 1])
-        differ = fc.batch_dependence(features, first, n, size, last=16 if ragged else 4)
-        if differ:
-            return PrefixProbe(f"{boundary}'s output for an example changes with its position in the batch or with the "
-                               f"other examples in it: batch statistics, or kernels that round the batch's last rows "
-                               "differently")
-        plan = PrefixPlan(frozen_groups, boundary, run[:cut], layout, stand_ins,
-                          (tuple(pixels.shape[1:]), pixels.dtype), n, size, first_digest, a.autocast[boundary],
-                          sorted(n_ for g in frozen_groups for n_ in (*state.groups[g].param_names,
-                                                                       *state.groups[g].buffer_names)))
+        while True:  # the rows of an example must not depend on its position or batch mates, at every boundary
+            first = {f"{k}/{p.boundary}": v for p in (plan, *ahead)
+                     for k, v in _leaf_dict(p.layout, filled[p.boundary]).items()}
+            differ = fc.batch_dependence(features, first, n, size, last=16 if ragged else 4)
+            moved = {k.split("/", 1)[1] for k in differ}
+            if plan.boundary in moved:
+                return PrefixProbe(f"{plan.boundary}'s output for an example changes with its position in the batch "
+                                   "or with the other examples in it: batch statistics, or kernels that round the "
+                                   "batch's last rows differently")
+            if not moved:
+                break
+            ahead = [p for p in ahead if p.boundary not in moved]
         # one training step served from a cache of these rows, exactly as in training: loss, logits, every gradient
         # and buffer as in the real step
-        sink = MemorySink({f"leaf.{i}": (leaf.dtype, (size, *leaf.stored_shape)) for i, leaf in layout.rows.items()})
-        for i, v in layout.tensors(filled).items():
-            sink.append(f"leaf.{i}", layout.rows[i].stored(v))
+        sink = MemorySink({f"leaf.{i}": (leaf.dtype, (size, *leaf.stored_shape)) for i, leaf in plan.layout.rows.items()})
+        for i, v in plan.layout.tensors(filled[plan.boundary]).items():
+            sink.append(f"leaf.{i}", plan.layout.rows[i].stored(v))
         sink.append("labels", sample["labels"])
-        cache = sink.finish(PrefixCache, plan, "probe", None, False)
+        problem = _step_problem(inner, loss_fn, params, sink.finish(PrefixCache, plan, "probe", None, False), real,
+                                rng0, restore)
+        return PrefixProbe(problem) if problem else PrefixProbe(None, plan, ahead)
+
+
+def recheck(model: nn.Module, loss_fn: Callable, fetch: Callable[[list[int]], dict], cache: PrefixCache) -> str | None:
+    """Before a cache computed ahead (:attr:`PrefixProbe.ahead`) serves: the probe's checks that depend on what
+    trains now. The real training step on the first batch runs the prefix modules once each, draws no random numbers
+    in them and changes none of their buffers, gives the stored rows at the boundary, and equals the step served from
+    those rows (loss, logits, every gradient and buffer). None: it may serve; else why not."""
+    inner = unwrap_model(model)
+    plan = cache.plan
+    size = plan.batch_size
+    names = [*plan.skipped, plan.boundary]
+    sample = fetch(list(range(size)))
+    with fc._rng_preserved() as rng0, fc._buffers_kept(inner) as restore, \
+            _trainable_as_state(inner, get_state(inner)) as params:
         restore()
-        fc._set_rng(rng0)
-        try:
-            with cache.serving(inner, torch.arange(size)) as inputs:
-                c_loss, c_outputs = loss_fn(inputs)
-            c_grads = _grads(c_loss, params)
-        except Exception as e:  # the code between the prefix modules needs their real outputs
-            return PrefixProbe(f"the model cannot run from {boundary}'s output ({type(e).__name__}: {e})")
-        c_after = list(inner.buffers())
-        if not fc.identical(loss, c_loss) or fc._differing(fc._logits(outputs), fc._logits(c_outputs)):
-            return PrefixProbe(f"the loss or logits computed from {boundary}'s cached output differ from the real "
-                               "step's (the model reads something besides that output)")
-        if not _same_grads(grads, c_grads):
-            return PrefixProbe(f"the gradients computed from {boundary}'s cached output differ from the real step's")
-        if not all(fc.identical(x, y) for x, y in zip(after, c_after)):
-            return PrefixProbe(f"the buffers after a step from {boundary}'s cached output differ from the real step's")
-        return PrefixProbe(None, plan)
+        a, real = _real_step(inner, loss_fn, sample, params, names)
+        if a.order != names or any(a.calls[m] != 1 for m in names):
+            return f"the prefix modules up to {plan.boundary} ran in another order or more than once"
+        if a.rng_moved[plan.boundary] or a.buffers_changed:
+            return f"the prefix up to {plan.boundary} draws random numbers or changes its buffers now"
+        out = a.outputs[plan.boundary]
+        stored = {str(i): v for i, v in cache.gather(torch.arange(size), out_device(out)).items()}
+        if not plan.layout.matches(out) or fc._differing(_leaf_dict(plan.layout, out), stored):
+            return f"{plan.boundary}'s output for the first batch is not the rows computed ahead"
+        return _step_problem(inner, loss_fn, params, cache, real, rng0, restore)
+
+
+def out_device(out) -> torch.device:
+    return next(iter(fc.output_tensors(out).values())).device
 
 
 # =========================================================================== serving
@@ -721,11 +837,14 @@ class PrefixCache:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, model: nn.Module, plan: PrefixPlan, fetch: Callable[[list[int]], dict], prepare: Callable,
-              *, storage: str, keep: bool, cache_dir, progress: bool) -> PrefixCache:
+              *, storage: str, keep: bool, cache_dir, progress: bool,
+              ahead: list[PrefixPlan] = ()) -> tuple[PrefixCache, list[PrefixCache]]:
         """Compute (or reuse) every example's boundary output with ``model``'s own forward, in the current context,
         in batches of the plan's size (the last one filled up with the first examples).
 
-        ``storage``: "memory" or "disk"; ``keep``: a disk file stays for later runs (else it is temporary)."""
+        ``storage``: "memory" or "disk"; ``keep``: a disk file stays for later runs (else it is temporary).
+        ``ahead``: plans of prefixes the schedule reaches later (boundaries that run before this one): when the
+        rows are computed, theirs are stored in the same pass, each in a cache of its own (the second value)."""
         start = time.perf_counter()
         inner = unwrap_model(model)
         device = next(inner.parameters()).device
@@ -737,10 +856,10 @@ class PrefixCache:
             known += [p.name.removesuffix(".safetensors") for p in folder.glob(f"{prefix}-*.safetensors")]
         data = None
         if known:  # something is cached for these weights: digest the data first, compute only on a miss
-            data = _pass(model, plan, fetch, prepare, None, progress)
+            data = _pass(model, [plan], fetch, prepare, None, progress)
             key = f"{prefix}-{data[:20]}-{plan.n}"
             if key in _MEMORY and storage == "memory":
-                return _MEMORY[key].since(start, "memory")
+                return _MEMORY[key].since(start, "memory"), []
             if storage == "disk":
                 path = folder / f"{key}.safetensors"
                 found = read_disk(path, key)
@@ -748,30 +867,35 @@ class PrefixCache:
                     arrays, dtypes = found
                     labels = torch.from_numpy(np.array(arrays.pop("labels"))).view(dtypes["labels"][0])
                     return cls(plan, arrays, labels.reshape(-1), key, "disk", path=path,
-                               dtypes=dtypes).since(start, "disk")
+                               dtypes=dtypes).since(start, "disk"), []
         _MEMORY.clear()  # one prefix cache in memory at a time
-        entries = {f"leaf.{i}": (leaf.dtype, (plan.n, *leaf.stored_shape)) for i, leaf in plan.layout.rows.items()}
-        if storage == "memory":
-            sink = MemorySink(entries)
-        else:
-            # a file kept for later runs goes in the folder, a spill of this run in its spill/ subfolder
-            where = folder if keep else folder / "spill"
-            sink = DiskSink(where / f"{prefix}-building-{os.getpid()}.safetensors",
-                            {**entries, "labels": (torch.int64, (plan.n,))})
+        plans = [plan, *ahead]
+        prefixes = [prefix, *(f"{model_type_of(inner)}-{model_key(inner, p, device)[:20]}" for p in ahead)]
+        sinks = []
         try:
-            digest = _pass(model, plan, fetch, prepare, sink, progress)
+            for p, name in zip(plans, prefixes):
+                entries = {f"leaf.{i}": (leaf.dtype, (p.n, *leaf.stored_shape)) for i, leaf in p.layout.rows.items()}
+                if storage == "memory":
+                    sinks.append(MemorySink(entries))
+                else:
+                    # a file kept for later runs goes in the folder, a spill of this run in its spill/ subfolder
+                    where = folder if keep else folder / "spill"
+                    sinks.append(DiskSink(where / f"{name}-building-{os.getpid()}.safetensors",
+                                          {**entries, "labels": (torch.int64, (p.n,))}))
+            digest = _pass(model, plans, fetch, prepare, sinks, progress)
             if data is None:  # every example read a second time, under another random state: augmentation shows
-                data = _pass(model, plan, fetch, prepare, None, progress)
+                data = _pass(model, plans, fetch, prepare, None, progress)
             if digest != data:
                 raise fc.DataChanged("the dataset returned different inputs on a second read")
-            key = f"{prefix}-{digest[:20]}-{plan.n}"
-            cache = sink.finish(cls, plan, key, folder, keep)
+            caches = [sink.finish(cls, p, f"{name}-{digest[:20]}-{p.n}", folder, keep)
+                      for sink, p, name in zip(sinks, plans, prefixes)]
         except BaseException:
-            sink.abort()
+            for sink in sinks:
+                sink.abort()
             raise
         if storage == "memory":
-            _MEMORY[key] = cache
-        return cache.since(start, "computed")
+            _MEMORY[caches[0].key] = caches[0]
+        return caches[0].since(start, "computed"), [c.since(start, "ahead") for c in caches[1:]]
 
     def since(self, start: float, source: str) -> PrefixCache:
         return PrefixCache(self.plan, self.fields, self.labels, self.key, self.storage, source,
@@ -843,34 +967,38 @@ def _reseeded(seed: int) -> None:
     random.seed(seed)
 
 
-def _pass(model, plan: PrefixPlan, fetch, prepare, sink, progress: bool) -> str:
-    """One pass over the data in batches of the plan's size: the data digest, and (``sink``) the rows stored.
-    Without a sink (a digest-only pass) the data is read under :data:`DIGEST_SEED`; the run's random state is
-    restored after either."""
+def _pass(model, plans: list[PrefixPlan], fetch, prepare, sinks: list | None, progress: bool) -> str:
+    """One pass over the data in batches of the plans' size: the data digest, and (``sinks``, one per plan) the rows
+    stored at every plan's boundary (one forward, stopped at the first plan's). Without sinks (a digest-only pass) the
+    data is read under :data:`DIGEST_SEED`; the run's random state is restored after either."""
     h = hashlib.blake2b(digest_size=16)
+    plan = plans[0]
     size = plan.batch_size
     with fc._rng_preserved(), torch.no_grad():
-        if sink is None:
+        if sinks is None:
             _reseeded(DIGEST_SEED)
         for start in tqdm(range(0, plan.n, size), disable=not progress, unit="batch",
-                          desc="hf_freeze: caching the frozen prefix" if sink else "hf_freeze: digesting the data"):
+                          desc="hf_freeze: caching the frozen prefix" if sinks else "hf_freeze: digesting the data"):
             rows = min(size, plan.n - start)
             raw = fetch([(start + j) % plan.n for j in range(size)])
             digest = fc.batch_digest(raw)
             if start == 0 and digest != plan.first_digest:
                 raise fc.DataChanged("the first batch differs from the one the probe read")
             h.update(digest.encode())
-            if sink is None:
+            if sinks is None:
                 continue
             batch = prepare(raw)
-            out, autocast = boundary_output(model, plan.boundary, batch)
-            if autocast != plan.autocast:
-                raise RuntimeError(f"the prefix runs under autocast {autocast} now, under {plan.autocast} when probed")
-            if not plan.layout.matches(out):
-                raise RuntimeError(f"{plan.boundary}'s output changed structure or memory layout between batches")
-            for i, v in plan.layout.tensors(out).items():
-                sink.append(f"leaf.{i}", plan.layout.rows[i].stored(v.detach())[:rows])
-            sink.append("labels", batch["labels"][:rows])
+            outs, autocast = boundary_outputs(model, [p.boundary for p in plans], batch)
+            for p, sink in zip(plans, sinks):
+                out = outs[p.boundary]
+                if autocast[p.boundary] != p.autocast:
+                    raise RuntimeError(f"the prefix runs under autocast {autocast[p.boundary]} now, under {p.autocast} "
+                                       "when probed")
+                if not p.layout.matches(out):
+                    raise RuntimeError(f"{p.boundary}'s output changed structure or memory layout between batches")
+                for i, v in p.layout.tensors(out).items():
+                    sink.append(f"leaf.{i}", p.layout.rows[i].stored(v.detach())[:rows])
+                sink.append("labels", batch["labels"][:rows])
     return h.hexdigest()
 
 
@@ -894,46 +1022,76 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         self._prefix_plan: PrefixPlan | None = None
         self._prefix_refused: tuple | None = None  # the frozen groups a mid-run probe refused
         self._prefix_sizes: dict[int, bool] = {}
+        self._prefix_later: list[PrefixPlan] = []  # the last probe's plans for the prefixes the schedule reaches later
+        self._prefix_ahead: dict[tuple[str, ...], PrefixCache] = {}  # their caches, computed in an earlier pass
         self._memory_limit = memory_limit(self.args)
 
     # ------------------------------------------------------------------ deciding
-    def _prefix_check(self) -> tuple[str | None, PrefixPlan | None]:
+    def _probe_loss(self, inputs):
+        with self._forward_context():
+            return super(fc.FeatureCacheTrainerMixin, self).compute_loss(self.model, inputs, return_outputs=True)
+
+    def _fetch_prepared(self, rows):
+        return self._prepare_inputs(self._real_batch(rows))
+
+    def _prefix_probe(self) -> PrefixProbe:
+        """The shared static checks, the shared read pass, then :func:`probe` (with the prefixes the schedule
+        reaches later)."""
         reason = policy_refusal(self.model) or self._cache_refusal()  # the linear-probe cache's checks, shared
         if reason:
-            return reason, None
+            return PrefixProbe(reason)
         n, size = len(self.train_dataset), self._train_batch_size
         b = min(size, n)
         dataset, collator = self._real_source()  # the shared read pass: random draws, batch-dependent collators
         reason, _ = safety.read_pass(dataset, collator, fc.build_batches(n, b), total=len(fc.build_batches(n, b)))
         if reason:
-            return reason, None
+            return PrefixProbe(reason)
         first = fc.batch_digest(self._real_batch(range(b)))
-
-        def loss_fn(inputs):
-            with self._forward_context():
-                return super(fc.FeatureCacheTrainerMixin, self).compute_loss(self.model, inputs, return_outputs=True)
-
         try:
             with fc._training_mode(self.model):
-                found = probe(self.model, loss_fn, lambda rows: self._prepare_inputs(self._real_batch(rows)), n, b,
-                              first, self._forward_context)
+                return probe(self.model, self._probe_loss, self._fetch_prepared, n, b, first, self._forward_context,
+                             later=later_prefixes(get_state(self.model)))
         except Exception as e:  # the real step fails the same way: let the Trainer report it
-            return f"the probe's training forward failed ({type(e).__name__}: {e})", None
-        if found.refusal:
-            return found.refusal, None
-        plan = found.plan
+            return PrefixProbe(f"the probe's training forward failed ({type(e).__name__}: {e})")
+
+    def _size_refusal(self, plan: PrefixPlan, later: bool = False) -> str | None:
+        """Why the cache at ``plan`` cannot be stored under this mode and these limits (None: it can)."""
         need = plan.n * plan.row_bytes
+        when = " (a prefix the schedule reaches later)" if later else ""
         if need > self._memory_limit and self.feature_cache_mode == "memory":
-            return (f"the prefix cache at {plan.boundary} needs {human(need)} ({human(plan.row_bytes)} per example), "
-                    f"more than feature_cache_max_memory ({human(self._memory_limit)}); use feature_cache='disk' or "
-                    "'auto' (which writes it to a memory-mapped file)"), None
+            return (f"the prefix cache at {plan.boundary}{when} needs {human(need)} ({human(plan.row_bytes)} per "
+                    f"example), more than feature_cache_max_memory ({human(self._memory_limit)}); use "
+                    "feature_cache='disk' or 'auto' (which writes it to a memory-mapped file)")
         if need > self._memory_limit or self.feature_cache_mode == "disk":
             folder = fc.cache_folder(getattr(self.args, "feature_cache_dir", None))
             free = shutil.disk_usage(_existing(folder)).free
             if need * 1.05 > free:
-                return (f"the prefix cache at {plan.boundary} needs {human(need)}: more than feature_cache_max_memory "
-                        f"({human(self._memory_limit)}) and than the free space under {folder} ({human(free)})"), None
-        return None, plan
+                return (f"the prefix cache at {plan.boundary}{when} needs {human(need)}: more than "
+                        f"feature_cache_max_memory ({human(self._memory_limit)}) and than the free space under "
+                        f"{folder} ({human(free)})")
+        return None
+
+    def _prefix_check(self) -> tuple[str | None, PrefixPlan | None]:
+        found = self._prefix_probe()
+        if found.refusal:
+            return found.refusal, None
+        # feature_cache='memory' promises the cache serves: a later prefix that cannot fit is refused now too
+        reason = self._size_refusal(found.plan) or next(
+            (r for p in found.ahead if self.feature_cache_mode == "memory" and (r := self._size_refusal(p, True))), None)
+        if reason:
+            return reason, None
+        self._prefix_later = found.ahead
+        return None, found.plan
+
+    def _memory_refusal_later(self) -> str | None:
+        """feature_cache='memory' while the linear-probe cache serves a schedule's head-only phase: a prefix the
+        schedule reaches later whose cache cannot fit the memory limit is refused before the first step."""
+        if self.feature_cache_mode != "memory" or not later_prefixes(get_state(self.model)):
+            return None
+        found = self._prefix_probe()
+        later = [p for p in (found.plan, *found.ahead) if p is not None and p.groups != leading_frozen(
+            get_state(self.model))]
+        return next((r for p in later if (r := self._size_refusal(p, True))), None)
 
     def _no_feature_cache(self, reason: str, fallback=None):
         """The linear-probe cache cannot serve: try the frozen prefix before training on the real examples."""
@@ -946,6 +1104,11 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         self.feature_cache_refusal = reason
         logger.info("hf_freeze: no linear-probe cache (%s); caching the frozen prefix up to %s instead", reason,
                     plan.boundary)
+        return self._prefix_loader(plan)
+
+    def _prefix_loader(self, plan: PrefixPlan):
+        """Training batches of example indices (the Trainer's own sampler over the real dataset), served by the
+        prefix cache at ``plan``."""
         self._prefix_plan = plan
         dataset, _ = self._real_source()
         collator, self.data_collator = self.data_collator, fc.collate_indices
@@ -958,9 +1121,42 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
 
     def get_train_dataloader(self):
         self._prefix_drop(None)
+        self._drop_ahead()
         self._prefix_plan, self._prefix_refused, self.prefix_cache_refusal = None, None, None
         self.prefix_cache_info = []
-        return super().get_train_dataloader()
+        if (loader := self._prefix_for_the_schedule()) is not None:
+            return loader
+        loader = super().get_train_dataloader()
+        if self._feature_cache_plan is not None and (reason := self._memory_refusal_later()):
+            raise FreezePolicyError(f"feature_cache='memory' would not serve the whole schedule: {reason}")
+        return loader
+
+    def _prefix_for_the_schedule(self):
+        """A head-only phase whose schedule reaches frozen prefixes later: the prefix cache serves from the start (at
+        the deepest module below the head) when it can compute every later boundary's rows in the same pass and all
+        of them fit the memory limit: one pass over the data for the whole schedule, instead of the
+        linear-probe cache's pass and one more per boundary; ``auto`` only (``disk`` keeps the linear-probe cache's
+        file for later runs). Otherwise (None) the linear-probe cache serves the head-only phase and each later
+        boundary is computed when due."""
+        state = get_state(self.model)
+        if (self.feature_cache_mode != "auto" or state is None or state.trainable_below_head()
+                or not later_prefixes(state) or policy_refusal(self.model)):
+            return None
+        reason, plan = self._prefix_check()
+        if plan is None or not self._prefix_later:
+            self._prefix_later = []
+            return None
+        ahead = self._ahead_that_fits(plan, "memory")
+        if len(ahead) < len(self._prefix_later):  # not all of them at once: one boundary at a time, as usual
+            self._prefix_later = []
+            return None
+        self.feature_cache, self._feature_cache_plan, self.feature_cache_info = None, None, {}
+        self._feature_cache_sizes = {}
+        self.feature_cache_refusal = ("the frozen-prefix cache serves the whole schedule: one pass computes the "
+                                      "rows of every boundary it reaches")
+        logger.info("hf_freeze: caching the frozen prefix up to %s and, in the same pass, at %s for the schedule's "
+                    "later phases", plan.boundary, ", ".join(p.boundary for p in ahead))
+        return self._prefix_loader(plan)
 
     # ------------------------------------------------------------------ serving
     def _serving_cache(self, model, size: int):
@@ -973,7 +1169,10 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         state = get_state(model)
         groups = leading_frozen(state)
         plan = self._prefix_plan
-        if plan is not None and plan.groups != groups:  # an unfreeze event reached the prefix: probe again
+        ready = self._prefix_ahead.pop(tuple(groups), None) if plan is not None and plan.groups != groups else None
+        if ready is not None and self._switch_to(ready, plan):  # its rows were computed with an earlier boundary's
+            plan = ready.plan
+        elif plan is not None and plan.groups != groups:  # an unfreeze event reached the prefix: probe again
             self._prefix_plan, old = None, plan
             plan = self._plan_prefix(groups)
             same = (plan is not None and self.prefix_cache is not None and plan.boundary == old.boundary
@@ -1001,6 +1200,37 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         self.prefix_cache_info[-1]["served_steps"] += 1
         return self.prefix_cache
 
+    def _switch_to(self, ready: PrefixCache, old: PrefixPlan) -> bool:
+        """Serve ``ready`` (computed ahead) from now on if :func:`recheck` passes with the groups that train now."""
+        start = time.perf_counter()
+        plan = ready.plan
+        reason = policy_refusal(self.model) or self._cache_refusal()
+        if reason is None and fc.batch_digest(self._real_batch(range(plan.batch_size))) != plan.first_digest:
+            reason = "the first batch differs from the one the probe read"
+        if reason is None:
+            try:
+                with fc._training_mode(self.model):
+                    reason = recheck(self.model, self._probe_loss, self._fetch_prepared, ready)
+            except Exception as e:
+                reason = f"the check's training forward failed ({type(e).__name__}: {e})"
+        if reason:
+            ready.close()
+            logger.info("hf_freeze: the prefix cache computed ahead at %s does not serve (%s): probing again",
+                        plan.boundary, reason)
+            return False
+        self._prefix_drop(f"group(s) {sorted(set(old.groups) - set(plan.groups))} train now")
+        self.prefix_cache, self._prefix_plan, self._prefix_sizes = ready, plan, {plan.batch_size: True}
+        if ready.storage == "memory":  # the in-memory cache a later run can reuse
+            _MEMORY.clear()
+            _MEMORY[ready.key] = ready
+        self._record_cache(ready, time.perf_counter() - start)
+        return True
+
+    def _drop_ahead(self) -> None:
+        for cache in self._prefix_ahead.values():
+            cache.close()
+        self._prefix_ahead, self._prefix_later = {}, []
+
     def _plan_prefix(self, groups: list[str]) -> PrefixPlan | None:
         """Probe the prefix now (None: nothing frozen at the input end, or refused: batches use the real examples)."""
         if not groups or self._prefix_refused == tuple(groups):
@@ -1025,9 +1255,11 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
             return None
         try:
             with self._forward_context():
-                cache = PrefixCache.build(self.model, plan, self._real_batch, self._prepare_inputs, storage=storage,
-                                          keep=mode == "disk", cache_dir=getattr(self.args, "feature_cache_dir", None),
-                                          progress=not self.args.disable_tqdm and self.args.should_log)
+                cache, ahead = PrefixCache.build(
+                    self.model, plan, self._real_batch, self._prepare_inputs, storage=storage, keep=mode == "disk",
+                    cache_dir=getattr(self.args, "feature_cache_dir", None),
+                    progress=not self.args.disable_tqdm and self.args.should_log,
+                    ahead=self._ahead_that_fits(plan, storage))
         except fc.DataChanged as e:
             self._prefix_refused, self._prefix_plan = tuple(plan.groups), None
             self.prefix_cache_refusal = f"the dataset returns different pixels for the same example ({e})"
@@ -1041,15 +1273,40 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
                                          f"feature_cache_max_memory) could not be written to disk ({e})")
             logger.warning("hf_freeze: %s; training on the real examples", self.prefix_cache_refusal)
             return None
+        self._drop_ahead()
+        self._prefix_ahead = {tuple(c.plan.groups): c for c in ahead}
+        self._record_cache(cache, cache.seconds)
+        return cache
+
+    def _ahead_that_fits(self, plan: PrefixPlan, storage: str) -> list[PrefixPlan]:
+        """The later prefixes whose rows are computed in this boundary's pass: in order, while all of them fit the
+        memory limit (``memory`` storage) or the free disk space (``disk``); the others are computed when due."""
+        total, chosen = plan.n * plan.row_bytes, []
+        if storage == "memory":
+            room = self._memory_limit
+        else:
+            room = shutil.disk_usage(_existing(fc.cache_folder(getattr(self.args, "feature_cache_dir", None)))).free / 1.05
+        for p in self._prefix_later:
+            total += p.n * p.row_bytes
+            if total > room:
+                break
+            chosen.append(p)
+        return chosen
+
+    def _record_cache(self, cache: PrefixCache, seconds: float) -> None:
+        plan = cache.plan
         self.prefix_cache_info.append({
             "boundary": plan.boundary, "groups": list(plan.groups), "key": cache.key, "storage": cache.storage,
             "source": cache.source, "rows": cache.rows, "bytes_per_example": plan.row_bytes, "bytes": cache.nbytes,
-            "path": str(cache.path) if cache.path else None, "seconds": cache.seconds,
-            "built_at_step": self.state.global_step, "served_steps": 0, "batch_sizes": {plan.batch_size: "cache"}})
+            "path": str(cache.path) if cache.path else None, "seconds": seconds,
+            "built_at_step": self.state.global_step, "served_steps": 0, "batch_sizes": {plan.batch_size: "cache"},
+            "ahead": [c.plan.boundary for c in self._prefix_ahead.values()] if cache.source != "ahead" else []})
         logger.info("hf_freeze: training from the cached output of %s (frozen %s): %d rows x %s = %s, %s (%s) in "
-                    "%.2f s", plan.boundary, "+".join(plan.groups), cache.rows, human(plan.row_bytes),
-                    human(cache.nbytes), cache.storage, cache.source, cache.seconds)
-        return cache
+                    "%.2f s%s", plan.boundary, "+".join(plan.groups), cache.rows, human(plan.row_bytes),
+                    human(cache.nbytes), cache.storage, "computed in an earlier boundary's pass, checked"
+                    if cache.source == "ahead" else cache.source, seconds,
+                    f"; computed in the same pass for later boundaries: {', '.join(self.prefix_cache_info[-1]['ahead'])}"
+                    if self.prefix_cache_info[-1]["ahead"] else "")
 
     def _same_bits_at(self, plan: PrefixPlan, size: int) -> bool:
         """Does the prefix give the cached bits in batches of ``size`` (else those batches use the real examples)?"""
@@ -1078,6 +1335,7 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         try:
             return super().train(*args, **kwargs)
         finally:
+            self._drop_ahead()
             if self.prefix_cache is not None and self.prefix_cache.temporary:
                 self._prefix_drop("training ended")
 

@@ -254,8 +254,6 @@ def test_tiny_memory_limit_with_a_gradual_schedule_spills_to_disk(tmp_path):
     assert list(cache.rglob("*.safetensors*")) == [] or all("spill" not in str(p) for p in cache.rglob("*"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: feature_cache='memory' whose prefix cache (after a head-only phase) exceeds "
-                   "feature_cache_max_memory is not refused before the first step: it silently trains uncached")
 def test_memory_mode_refuses_up_front_when_the_prefix_cache_cannot_fit(tmp_path):
     """feature_cache='memory' with a limit no prefix cache fits and a schedule whose first phase trains the head
     only: the README promises `memory` refuses before the first step."""

@@ -295,5 +295,8 @@ def test_gradient_accumulation_with_a_moving_boundary_equals_off(tmp_path, extra
     off, w_off = train(tmp_path, "off", policy=policy, **kw)
     on, w_on = train(tmp_path, "auto", policy=policy, **kw)
     assert differing(w_off, w_on) == []
-    assert [(b, s > 0) for b, s, _ in served(on)] == [("resnet.encoder.stages.0", True), ("resnet.embedder", True)]
+    # the head-only phase from the deepest frozen module, then the two boundaries computed in the same pass
+    assert [(b, s > 0) for b, s, _ in served(on)] == [("resnet.encoder.stages.1", True),
+                                                      ("resnet.encoder.stages.0", True), ("resnet.embedder", True)]
+    assert [i["source"] for i in on.prefix_cache_info] == ["computed", "ahead", "ahead"]
     assert [e["step"] for e in on.freeze_callback.events_log] == [2, 4]

@@ -27,7 +27,7 @@ for mode in ("off", None):
                                       freeze_policy="freeze=backbone;unfreeze=epoch2:1", feature_cache=mode)
     trainer.train()
     result[mode or "auto"] = {"final": snapshot(model), "info": trainer.feature_cache_info,
-                              "refusal": trainer.feature_cache_refusal}
+                              "refusal": trainer.feature_cache_refusal, "prefix": trainer.prefix_cache_info}
 torch.save({**result, "world_size": dist.get_world_size(), "datasets": sys.modules["datasets"]},
            out / f"rank{dist.get_rank()}.pt")
 dist.barrier()
