@@ -159,3 +159,15 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.step:
             control.should_training_stop = True
+
+
+def head_phase_served(trainer) -> int:
+    """Training steps of the head-only phase served from a cache: the linear-probe cache's, or (``auto`` with a
+    schedule that reaches a frozen prefix later) the frozen-prefix cache's at the deepest frozen module, whose pass
+    computes the later boundaries too (tests/test_prefix_cache.py::test_auto_computes_every_boundary_of_a_schedule_in_one_pass)."""
+    if "serves the whole schedule" in (trainer.feature_cache_refusal or ""):
+        import hf_freeze
+
+        below = [g.name for g in hf_freeze.get_state(trainer.model).groups if g.name != "head"]
+        return sum(i["served_steps"] for i in trainer.prefix_cache_info if i["groups"] == below)
+    return trainer.feature_cache_info.get("served_steps", 0)

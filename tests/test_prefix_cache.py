@@ -8,6 +8,7 @@ import torch
 from helpers import StopAt, TinyImages, identical, snapshot, tiny_model, training_args
 from helpers import tiny_vit as vit
 from torch import nn
+from transformers import TrainerCallback
 
 import hf_freeze
 from hf_freeze import FreezePolicyError, FreezeTrainer
@@ -118,6 +119,104 @@ def test_resumed_run_equals_the_uninterrupted_one_and_reuses_the_disk_cache(tmp_
         assert [i["boundary"] for i in resumed.prefix_cache_info] == boundaries
         assert all(i["source"] == "disk" and i["key"] in keys for i in resumed.prefix_cache_info), [(i["key"], i["source"]) for i in resumed.prefix_cache_info + full.prefix_cache_info]
         assert sorted(cache.glob("*")) == files
+
+
+# =========================================================================== one pass for the whole schedule
+
+def counting_passes(monkeypatch) -> list[tuple[list[str], bool]]:
+    """Record every pass over the data of the prefix cache: (boundaries, whether it computes rows)."""
+    passes, real = [], pc._pass
+    monkeypatch.setattr(pc, "_pass", lambda model, plans, fetch, prepare, sinks, progress: passes.append(
+        ([p.boundary for p in plans], sinks is not None)) or real(model, plans, fetch, prepare, sinks, progress))
+    return passes
+
+
+@pytest.mark.parametrize("arch", ["resnet", "vit"])
+def test_auto_computes_every_boundary_of_a_schedule_in_one_pass(tmp_path, arch, monkeypatch):
+    """A head-only phase, then the boundary moves down at every epoch: under auto the prefix cache serves from the
+    start (the deepest frozen module), and the rows of every later boundary are computed in that same pass; each
+    later one serves after its training-step check. Weights equal the uncached run's bit for bit."""
+    make = (lambda: tiny_model("resnet", seed=2)) if arch == "resnet" else vit
+    off, w_off = train(tmp_path, "off", make(), GRADUAL, num_train_epochs=4)
+    passes = counting_passes(monkeypatch)
+    on, w_on = train(tmp_path, "auto", make(), GRADUAL, num_train_epochs=4)
+    assert differing(w_off, w_on) == []
+    info = on.prefix_cache_info
+    assert on.feature_cache_info == {} and "serves the whole schedule" in on.feature_cache_refusal
+    assert len(info) >= 3 and [i["source"] for i in info] == ["computed"] + ["ahead"] * (len(info) - 1)
+    assert info[0]["ahead"] == [i["boundary"] for i in info[1:]]
+    assert all(steps > 0 for _, steps, _ in served(on)), served(on)
+    # one pass computes the rows of every boundary, one more reads the data under another random state
+    assert passes == [([i["boundary"] for i in info], True), ([i["boundary"] for i in info], False)]
+
+
+def test_memory_mode_computes_the_later_boundaries_with_the_first_one(tmp_path, monkeypatch):
+    """feature_cache='memory': the linear-probe cache serves the head-only phase; the first prefix boundary's pass
+    computes the later ones too (no pass at the second boundary)."""
+    passes = counting_passes(monkeypatch)
+    on, _ = train(tmp_path, "memory", policy=GRADUAL, num_train_epochs=4)
+    assert on.feature_cache_info["served_steps"] > 0
+    assert [(b, s) for b, s, _ in served(on)] == [("resnet.encoder.stages.0", 3), ("resnet.embedder", 3)]
+    assert [i["source"] for i in on.prefix_cache_info] == ["computed", "ahead"]
+    assert passes == [(["resnet.encoder.stages.0", "resnet.embedder"], True),
+                      (["resnet.encoder.stages.0", "resnet.embedder"], False)]
+
+
+class NoisyStemFrom(TrainerCallback):
+    """From epoch ``epoch`` on, the stem adds a little noise (random numbers drawn inside the frozen prefix)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        if round(state.epoch) == self.epoch:
+            model.resnet.embedder.register_forward_hook(lambda m, i, out: out + 1e-3 * torch.randn_like(out))
+
+
+def test_a_cache_computed_ahead_is_checked_when_due_and_refused_when_the_prefix_changed(tmp_path):
+    """The stem starts drawing random numbers at epoch 2, after the pass that computed its rows: the check made
+    when that boundary is due sees it, the cache is dropped, the new probe refuses, and training uses the real
+    examples: weights equal the uncached run's (which draws the same numbers)."""
+    policy = "freeze=stem:stage.0;unfreeze=epoch2:1"
+    off, w_off = train(tmp_path, "off", policy=policy, num_train_epochs=3, callbacks=[NoisyStemFrom(2)])
+    on, w_on = train(tmp_path, "auto", policy=policy, num_train_epochs=3, callbacks=[NoisyStemFrom(2)])
+    assert differing(w_off, w_on) == []
+    assert served(on) == [("resnet.encoder.stages.0", 6, 6)]
+    assert on.prefix_cache_info[0]["ahead"] == ["resnet.embedder"]
+    assert "random numbers" in on.prefix_cache_refusal
+
+
+def test_a_failed_check_of_a_cache_computed_ahead_probes_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(pc, "recheck", lambda *a: "forced by the test")
+    off, w_off = train(tmp_path, "off", policy=GRADUAL, num_train_epochs=4)
+    on, w_on = train(tmp_path, "memory", policy=GRADUAL, num_train_epochs=4)
+    assert differing(w_off, w_on) == []
+    assert [(i["boundary"], i["source"]) for i in on.prefix_cache_info] == [
+        ("resnet.encoder.stages.0", "computed"), ("resnet.embedder", "computed")]
+
+
+def test_later_boundaries_over_the_memory_limit_are_computed_when_due(tmp_path):
+    """Room for one boundary's rows (81920 bytes each here), not two: the second is computed at its own time."""
+    policy = "freeze=stem:stage.0;unfreeze=epoch1:1"
+    off, w_off = train(tmp_path, "off", policy=policy, num_train_epochs=2)
+    on, w_on = train(tmp_path, "auto", policy=policy, num_train_epochs=2, feature_cache_max_memory="100KB")
+    assert differing(w_off, w_on) == []
+    assert [(i["boundary"], i["source"], i["storage"], i["bytes"]) for i in on.prefix_cache_info] == [
+        ("resnet.encoder.stages.0", "computed", "memory", 81920), ("resnet.embedder", "computed", "memory", 81920)]
+    assert on.prefix_cache_info[0]["ahead"] == []
+
+
+def test_auto_resumed_in_and_after_the_head_only_phase_equals_the_uninterrupted_run(tmp_path):
+    kw = dict(policy=GRADUAL, num_train_epochs=4, save_strategy="steps", save_steps=2)
+    full, w_full = train(tmp_path, "auto", name="full", **kw)
+    train(tmp_path, "auto", name="cut", callbacks=[StopAt(8)], **kw)
+    for step in (2, 4, 8):
+        fc._MEMORY.clear()  # a new process
+        pc._MEMORY.clear()
+        resumed, w_resumed = train(tmp_path, "auto", name="cut", resume=str(tmp_path / "cut" / "out" / f"checkpoint-{step}"),
+                                   **kw)
+        assert differing(w_full, w_resumed) == [], step
+        assert sum(s for _, s, _ in served(resumed)) > 0, step
 
 
 # =========================================================================== the positive rule
