@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ._compat import moved_names
 from ._logging import get_logger
@@ -37,6 +38,7 @@ from .apply import (
     unfreeze_groups,
     verify_frozen,
 )
+from .checkpoints import check_resumed_state_policy
 from .distributed import check_backend
 from .errors import FreezePolicyError
 from .fingerprint import Fingerprint
@@ -52,11 +54,14 @@ from .state import get_state, save_policy_with
 logger = get_logger(__name__)
 
 
-class FreezeCallback(TrainerCallback):
+class FreezeCallback(TrainerCallback, ExportableState):
     """Apply ``policy`` to the Trainer's model and run its unfreeze schedule.
 
     Per-group learning rates (``Unfreeze(lr_scale=...)``, ``layer_lr_decay``) need the optimizer's
     parameter groups: use :class:`hf_freeze.FreezeTrainer` for those.
+
+    Each checkpoint's ``trainer_state.json`` records the policy (transformers' ``ExportableState``, :meth:`state`): a
+    run resumed with another policy is refused at ``on_train_begin``, before any step.
     """
 
     def __init__(self, policy: FreezePolicy | dict | str | None = None, *, model=None, _param_groups: bool = False):
@@ -82,6 +87,12 @@ class FreezeCallback(TrainerCallback):
         #: the checkpoint this run resumes from and the fingerprint it recorded, checked and adopted at on_train_begin
         #: (set by ``FreezeTrainer.train``; see :func:`hf_freeze.checkpoints.resume_fingerprint`)
         self.resume_record: tuple[str, Fingerprint] | None = None
+
+    def state(self) -> dict:
+        """What ``trainer_state.json`` records of this callback: the policy (checked when a run resumes, see
+        :func:`hf_freeze.checkpoints.check_resumed_state_policy`), as arguments that rebuild the callback
+        (``restore_callback_states_from_checkpoint``)."""
+        return {"args": {"policy": self.policy.to_dict(), "_param_groups": not self._standalone}, "attributes": {}}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, model, args, *, open_future: bool = True) -> None:
@@ -173,6 +184,8 @@ class FreezeCallback(TrainerCallback):
         elif fstate.events_done:  # left by an earlier train() (a plain Trainer's; FreezeTrainer starts each run clean)
             self.start_run(model, args, resumed=state.global_step > 0, open_future=False)
         fstate = get_state(model)
+        if state.global_step > 0:  # resumed: the checkpoint's trainer_state.json records the policy it trained
+            check_resumed_state_policy(state, fstate.policy)
         self.set_timing(model, self.timing or timing_of(args, kwargs.get("train_dataloader")))
         self._fire_due(model, state, resumed=state.global_step > 0)
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on

@@ -152,11 +152,35 @@ def check_resume_policy(checkpoint: str | os.PathLike, policy: FreezePolicy) -> 
     """
     recorded = _recorded_policy(Path(checkpoint))
     if recorded is not None and recorded != policy:
-        raise FreezePolicyError(
-            f"cannot resume from {checkpoint} with freeze policy {policy.to_string()!r}: the checkpoint was trained "
-            f"with freeze policy {recorded.to_string()!r}, and a resumed run continues that run. Resume with the "
-            f"checkpoint's policy (freeze_policy=hf_freeze.FreezePolicy.from_pretrained({str(checkpoint)!r})), or "
-            "start a new run with the new policy (from the checkpoint's weights, without resume_from_checkpoint).")
+        raise FreezePolicyError(_another_policy(str(checkpoint), policy, recorded) + (
+            f"Resume with the checkpoint's policy (freeze_policy=hf_freeze.FreezePolicy.from_pretrained("
+            f"{str(checkpoint)!r})), or start a new run with the new policy (from the checkpoint's weights, without "
+            "resume_from_checkpoint)."))
+
+
+def check_resumed_state_policy(trainer_state, policy: FreezePolicy) -> None:
+    """Refuse (FreezePolicyError naming both) a run resumed with another ``policy`` than the one the checkpoint's
+    ``trainer_state.json`` records for its ``FreezeCallback`` (:meth:`hf_freeze.FreezeCallback.state`; none recorded:
+    a checkpoint of an older hf_freeze, nothing to check).
+
+    For a plain ``Trainer`` + ``FreezeCallback``: no callback event comes between ``train(resume_from_checkpoint=...)``
+    and the loading of the checkpoint, so this runs at ``on_train_begin``: the weights are loaded, nothing trained.
+    """
+    saved = trainer_state.stateful_callbacks.get("FreezeCallback") if trainer_state.stateful_callbacks else None
+    saved = saved if isinstance(saved, list) else [saved]
+    recorded = [FreezePolicy.from_dict(s["args"]["policy"]) for s in saved
+                if isinstance(s, dict) and isinstance(s.get("args", {}).get("policy"), dict)]
+    if recorded and policy not in recorded:
+        raise FreezePolicyError(_another_policy(f"the checkpoint of global step {trainer_state.global_step}", policy,
+                                                recorded[0]) + (
+            "Its weights are loaded into the model; nothing trained. Resume with the checkpoint's policy "
+            "(FreezeCallback(hf_freeze.FreezePolicy.from_pretrained(CHECKPOINT))), or start a new run with the new "
+            "policy (from the checkpoint's weights, without resume_from_checkpoint)."))
+
+
+def _another_policy(checkpoint: str, policy: FreezePolicy, recorded: FreezePolicy) -> str:
+    return (f"cannot resume from {checkpoint} with freeze policy {policy.to_string()!r}: the checkpoint was trained "
+            f"with freeze policy {recorded.to_string()!r}, and a resumed run continues that run. ")
 
 
 def _recorded_policy(folder: Path) -> FreezePolicy | None:

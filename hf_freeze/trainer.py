@@ -87,11 +87,24 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
             raise
         # first in line, so TensorBoard/W&B/printer callbacks see the freeze metrics it adds to the logs
         handler = self.callback_handler.callbacks
-        handler.remove(self.freeze_callback)
-        handler.insert(0, self.freeze_callback)
+        handler.remove(self._freeze_callback)
+        handler.insert(0, self._freeze_callback)
         # image classifiers return a mean loss; don't let the Trainer rescale it by the world size
         self.model_accepts_loss_kwargs = False
         self._init_feature_cache(cache_mode)
+
+    @property
+    def freeze_callback(self) -> FreezeCallback:
+        """This trainer's :class:`FreezeCallback`: the one in its callback handler, which
+        ``restore_callback_states_from_checkpoint`` replaces with one rebuilt from the checkpoint's
+        ``trainer_state.json`` (:meth:`FreezeCallback.state`)."""
+        handler = getattr(self, "callback_handler", None)
+        found = [c for c in handler.callbacks if isinstance(c, FreezeCallback)] if handler is not None else []
+        return found[0] if found else self._freeze_callback
+
+    @freeze_callback.setter
+    def freeze_callback(self, callback: FreezeCallback) -> None:
+        self._freeze_callback = callback
 
     @property
     def freeze_policy(self) -> FreezePolicy:
