@@ -308,6 +308,27 @@ def restart_policy(model: nn.Module) -> None:
     set_frozen(model, state.plan.frozen_params, refingerprint=False)
 
 
+def adopt_fingerprint(model: nn.Module, recorded: Fingerprint, where: str = "") -> None:
+    """``model`` holds the weights of a checkpoint that recorded ``recorded`` (its frozen tensors' fingerprint when it
+    was saved): verify the tensors frozen now against it (:class:`FrozenWeightsChanged` naming those that differ), then
+    take it as their reference, also as the digests of when the policy was applied (they were frozen since then).
+
+    Used when a run resumes (after the load, before any step): the run is verified against the checkpoint's run, not
+    against the weights this model object held when the policy was last applied to it (an earlier run may have trained
+    them). A record of another fingerprint scheme is ignored: the fingerprint in memory stays the reference.
+    """
+    model = unwrap_model(model)
+    state = require_state(model)
+    if recorded.scheme != state.fingerprint.scheme:
+        return
+    check = Fingerprint({n: d for n, d in recorded.digests.items() if n in state.fingerprint.digests}, recorded.scheme)
+    changed = check.changed(model)
+    if changed:
+        raise FrozenWeightsChanged(changed, where)
+    state.fingerprint.digests.update(check.digests)
+    state.applied_fingerprint.digests.update(recorded.digests)
+
+
 def remove_policy(model: nn.Module) -> None:
     """Undo :func:`apply_policy`: original ``requires_grad`` flags and normal BatchNorm behaviour.
 

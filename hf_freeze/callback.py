@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ._compat import moved_names
 from ._logging import get_logger
 from .apply import (
+    adopt_fingerprint,
     apply_policy,
     restart_policy,
     rewind_events,
@@ -36,9 +38,11 @@ from .apply import (
     unfreeze_groups,
     verify_frozen,
 )
+from .checkpoints import check_resumed_state_policy
 from .distributed import check_backend
 from .errors import FreezePolicyError
-from .folder import checkpoint_kind, record_in_config, write_policy
+from .fingerprint import Fingerprint
+from .folder import checkpoint_kind, record_in_config, write_fingerprint, write_policy
 from .groups import layer_groups
 from .names import unwrap_model
 from .param_groups import ever_trainable
@@ -50,11 +54,14 @@ from .state import get_state, save_policy_with
 logger = get_logger(__name__)
 
 
-class FreezeCallback(TrainerCallback):
+class FreezeCallback(TrainerCallback, ExportableState):
     """Apply ``policy`` to the Trainer's model and run its unfreeze schedule.
 
     Per-group learning rates (``Unfreeze(lr_scale=...)``, ``layer_lr_decay``) need the optimizer's
     parameter groups: use :class:`hf_freeze.FreezeTrainer` for those.
+
+    Each checkpoint's ``trainer_state.json`` records the policy (transformers' ``ExportableState``, :meth:`state`): a
+    run resumed with another policy is refused at ``on_train_begin``, before any step.
     """
 
     def __init__(self, policy: FreezePolicy | dict | str | None = None, *, model=None, _param_groups: bool = False):
@@ -77,6 +84,15 @@ class FreezeCallback(TrainerCallback):
         self.timing: Timing | None = None
         #: with load_best_model_at_end: (step of the loaded checkpoint, events_log entries that fired after it)
         self.after_saved: tuple[int, list[dict]] | None = None
+        #: the checkpoint this run resumes from and the fingerprint it recorded, checked and adopted at on_train_begin
+        #: (set by ``FreezeTrainer.train``; see :func:`hf_freeze.checkpoints.resume_fingerprint`)
+        self.resume_record: tuple[str, Fingerprint] | None = None
+
+    def state(self) -> dict:
+        """What ``trainer_state.json`` records of this callback: the policy (checked when a run resumes, see
+        :func:`hf_freeze.checkpoints.check_resumed_state_policy`), as arguments that rebuild the callback
+        (``restore_callback_states_from_checkpoint``)."""
+        return {"args": {"policy": self.policy.to_dict(), "_param_groups": not self._standalone}, "attributes": {}}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, model, args, *, open_future: bool = True) -> None:
@@ -168,9 +184,16 @@ class FreezeCallback(TrainerCallback):
         elif fstate.events_done:  # left by an earlier train() (a plain Trainer's; FreezeTrainer starts each run clean)
             self.start_run(model, args, resumed=state.global_step > 0, open_future=False)
         fstate = get_state(model)
+        if state.global_step > 0:  # resumed: the checkpoint's trainer_state.json records the policy it trained
+            check_resumed_state_policy(state, fstate.policy)
         self.set_timing(model, self.timing or timing_of(args, kwargs.get("train_dataloader")))
         self._fire_due(model, state, resumed=state.global_step > 0)
         set_frozen(model, fstate.frozen, refingerprint=False)  # close what is still frozen: no grads from now on
+        if self.resume_record is not None:  # the checkpoint is loaded, its due events fired: verify it, adopt its record
+            checkpoint, recorded = self.resume_record
+            self.resume_record = None
+            adopt_fingerprint(model, recorded, f"in {checkpoint} (loaded for resuming) against the fingerprint it "
+                              "recorded when it was saved; nothing trained")
         self.pending_logs["freeze/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if logger.isEnabledFor(self._log_level):
             logger.log(self._log_level, "hf_freeze: freeze policy at the start of training:\n%s", freeze_report(model))
@@ -224,6 +247,8 @@ class FreezeCallback(TrainerCallback):
             write_policy(checkpoint, self.policy)
         if self.policy.verify:
             verify_frozen(model, f"when saving checkpoint-{state.global_step}")
+            if os.path.isdir(checkpoint) and state.is_world_process_zero:  # what a resume verifies the checkpoint by
+                write_fingerprint(checkpoint, fstate.fingerprint.digests, fstate.fingerprint.scheme)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if get_state(model) is None:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .errors import FreezePolicyError
-from .folder import ADAPTER_FILES, CONFIG_FILE, CONFIG_KEY, DELTA_MANIFEST, DELTA_WEIGHTS, POLICY_FILE
+from .errors import FreezePolicyError, FrozenWeightsChanged
+from .fingerprint import Fingerprint, digests
+from .folder import ADAPTER_FILES, CONFIG_FILE, CONFIG_KEY, DELTA_MANIFEST, DELTA_WEIGHTS, FINGERPRINT_FILE, POLICY_FILE
 from .policy import FreezePolicy
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ def checkpoint_problem(folder: str | os.PathLike, needs_optimizer: bool = True) 
     if not isinstance(json.loads(state.read_text()).get("global_step"), int):
         return f"{TRAINER_STATE} has no global_step"
     problem = _weights_problem(folder)
-    if problem is None and (folder / POLICY_FILE).exists():  # rewritten after trainer_state.json (on_save)
-        problem = _json_problem(folder / POLICY_FILE)
+    for name in (POLICY_FILE, FINGERPRINT_FILE):  # written after trainer_state.json (on_save)
+        if problem is None and (folder / name).exists():
+            problem = _json_problem(folder / name)
     if problem or not needs_optimizer:
         return problem
     if (folder / DEEPSPEED_LATEST).is_file():  # the engine keeps the optimizer (and its scheduler) in its own folder
@@ -150,11 +152,35 @@ def check_resume_policy(checkpoint: str | os.PathLike, policy: FreezePolicy) -> 
     """
     recorded = _recorded_policy(Path(checkpoint))
     if recorded is not None and recorded != policy:
-        raise FreezePolicyError(
-            f"cannot resume from {checkpoint} with freeze policy {policy.to_string()!r}: the checkpoint was trained "
-            f"with freeze policy {recorded.to_string()!r}, and a resumed run continues that run. Resume with the "
-            f"checkpoint's policy (freeze_policy=hf_freeze.FreezePolicy.from_pretrained({str(checkpoint)!r})), or "
-            "start a new run with the new policy (from the checkpoint's weights, without resume_from_checkpoint).")
+        raise FreezePolicyError(_another_policy(str(checkpoint), policy, recorded) + (
+            f"Resume with the checkpoint's policy (freeze_policy=hf_freeze.FreezePolicy.from_pretrained("
+            f"{str(checkpoint)!r})), or start a new run with the new policy (from the checkpoint's weights, without "
+            "resume_from_checkpoint)."))
+
+
+def check_resumed_state_policy(trainer_state, policy: FreezePolicy) -> None:
+    """Refuse (FreezePolicyError naming both) a run resumed with another ``policy`` than the one the checkpoint's
+    ``trainer_state.json`` records for its ``FreezeCallback`` (:meth:`hf_freeze.FreezeCallback.state`; none recorded:
+    a checkpoint of an older hf_freeze, nothing to check).
+
+    For a plain ``Trainer`` + ``FreezeCallback``: no callback event comes between ``train(resume_from_checkpoint=...)``
+    and the loading of the checkpoint, so this runs at ``on_train_begin``: the weights are loaded, nothing trained.
+    """
+    saved = trainer_state.stateful_callbacks.get("FreezeCallback") if trainer_state.stateful_callbacks else None
+    saved = saved if isinstance(saved, list) else [saved]
+    recorded = [FreezePolicy.from_dict(s["args"]["policy"]) for s in saved
+                if isinstance(s, dict) and isinstance(s.get("args", {}).get("policy"), dict)]
+    if recorded and policy not in recorded:
+        raise FreezePolicyError(_another_policy(f"the checkpoint of global step {trainer_state.global_step}", policy,
+                                                recorded[0]) + (
+            "Its weights are loaded into the model; nothing trained. Resume with the checkpoint's policy "
+            "(FreezeCallback(hf_freeze.FreezePolicy.from_pretrained(CHECKPOINT))), or start a new run with the new "
+            "policy (from the checkpoint's weights, without resume_from_checkpoint)."))
+
+
+def _another_policy(checkpoint: str, policy: FreezePolicy, recorded: FreezePolicy) -> str:
+    return (f"cannot resume from {checkpoint} with freeze policy {policy.to_string()!r}: the checkpoint was trained "
+            f"with freeze policy {recorded.to_string()!r}, and a resumed run continues that run. ")
 
 
 def _recorded_policy(folder: Path) -> FreezePolicy | None:
@@ -169,6 +195,54 @@ def _recorded_policy(folder: Path) -> FreezePolicy | None:
         if isinstance(data, dict):
             return FreezePolicy.from_dict(data)
     return None
+
+
+def resume_fingerprint(checkpoint: str | os.PathLike) -> Fingerprint | None:
+    """The fingerprint of the frozen tensors ``checkpoint`` recorded when it was saved (its ``freeze_fingerprint.json``),
+    checked against the frozen tensors its safetensors weights hold; None for a checkpoint without one (written by an
+    older hf_freeze, or with ``verify=False``): the run then verifies against the fingerprint in memory, as before.
+
+    Raises, before anything is loaded: FreezePolicyError when the record is unreadable, :class:`FrozenWeightsChanged`
+    naming the tensors whose saved bytes differ from it (an edited or corrupted checkpoint). Tensors the weights
+    files do not hold (a delta, an adapter, DeepSpeed or FSDP states) are checked once loaded
+    (:func:`hf_freeze.apply.adopt_fingerprint`).
+    """
+    folder = Path(checkpoint)
+    path = folder / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        recorded = Fingerprint({str(n): str(d) for n, d in data["digests"].items()}, int(data["scheme"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FreezePolicyError(f"cannot resume from {checkpoint}: its {FINGERPRINT_FILE} is unreadable ({e}); resume "
+                                "from another checkpoint, or delete the file to verify against the weights in memory "
+                                "instead") from None
+    saved = _saved_digests(folder, recorded)
+    changed = sorted(n for n, d in saved.items() if d != recorded.digests[n])
+    if changed:
+        raise FrozenWeightsChanged(changed, f"in {checkpoint} since it was saved (its weights differ from the fingerprint "
+                                   f"in its {FINGERPRINT_FILE}: the checkpoint was edited or corrupted); nothing was "
+                                   "loaded. Resume from another checkpoint")
+    return recorded
+
+
+def _saved_digests(folder: Path, recorded: Fingerprint) -> dict[str, str]:
+    """Digests of the recorded tensors that ``folder``'s safetensors weights hold, read one tensor at a time."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = json.loads(index.read_text()).get("weight_map", {})
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            where = dict.fromkeys(f.keys(), "model.safetensors")
+    else:
+        return {}
+    out = {}
+    for file in sorted({where[n] for n in recorded.digests if n in where}):
+        with safe_open(str(folder / file), "pt") as f:
+            for n in sorted(n for n in recorded.digests if where.get(n) == file):
+                out[n] = digests({n: f.get_tensor(n)}, recorded.scheme)[n]
+    return out
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:

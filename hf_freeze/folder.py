@@ -20,6 +20,9 @@ from pathlib import Path
 
 #: the freeze policy of the folder (``FreezePolicy.to_json``)
 POLICY_FILE = "freeze_policy.json"
+#: in each checkpoint ``FreezeCallback.on_save`` writes: the fingerprint of the frozen tensors it verified at that save
+#: (:func:`hf_freeze.checkpoints.resume_fingerprint` checks a resumed checkpoint against it)
+FINGERPRINT_FILE = "freeze_fingerprint.json"
 #: the key of the same policy in the model's ``config.json`` (so ``from_pretrained`` users see it)
 CONFIG_KEY = "freeze_policy"
 CONFIG_FILE = "config.json"
@@ -54,6 +57,14 @@ def write_policy(folder: str | os.PathLike, policy) -> Path:
     path = out / POLICY_FILE
     path.write_text(policy.to_json() + "\n")
     write_head_code(out)
+    return path
+
+
+def write_fingerprint(folder: str | os.PathLike, digests: dict[str, str], scheme: int) -> Path:
+    """Record the frozen tensors' ``digests`` (fingerprint ``scheme``) as ``folder/freeze_fingerprint.json``, atomically:
+    a crash leaves no half-written record. Returns the file."""
+    path = Path(folder) / FINGERPRINT_FILE
+    _write_atomically(path, json.dumps({"scheme": scheme, "digests": digests}, indent=1, sort_keys=True) + "\n")
     return path
 
 

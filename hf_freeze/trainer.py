@@ -18,7 +18,7 @@ from ._logging import get_logger
 from .adapters import add_adapter
 from .args import FreezeArguments, policy_from_fields
 from .callback import FreezeCallback
-from .checkpoints import check_resume_policy, last_complete_checkpoint
+from .checkpoints import check_resume_policy, last_complete_checkpoint, resume_fingerprint
 from .checks import schedule_problems
 from .delta import apply_delta_restoring_base, save_adapter_base, save_delta
 from .distributed import check_model_data
@@ -87,11 +87,24 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
             raise
         # first in line, so TensorBoard/W&B/printer callbacks see the freeze metrics it adds to the logs
         handler = self.callback_handler.callbacks
-        handler.remove(self.freeze_callback)
-        handler.insert(0, self.freeze_callback)
+        handler.remove(self._freeze_callback)
+        handler.insert(0, self._freeze_callback)
         # image classifiers return a mean loss; don't let the Trainer rescale it by the world size
         self.model_accepts_loss_kwargs = False
         self._init_feature_cache(cache_mode)
+
+    @property
+    def freeze_callback(self) -> FreezeCallback:
+        """This trainer's :class:`FreezeCallback`: the one in its callback handler, which
+        ``restore_callback_states_from_checkpoint`` replaces with one rebuilt from the checkpoint's
+        ``trainer_state.json`` (:meth:`FreezeCallback.state`)."""
+        handler = getattr(self, "callback_handler", None)
+        found = [c for c in handler.callbacks if isinstance(c, FreezeCallback)] if handler is not None else []
+        return found[0] if found else self._freeze_callback
+
+    @freeze_callback.setter
+    def freeze_callback(self, callback: FreezeCallback) -> None:
+        self._freeze_callback = callback
 
     @property
     def freeze_policy(self) -> FreezePolicy:
@@ -120,13 +133,18 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         Each call starts from the policy (:meth:`FreezeCallback.start_run`), and when resuming from the checkpoint
         only: a second ``train()`` of this trainer, or one after another trainer was built on the same model, runs
         this trainer's policy from its first event. A checkpoint saved with another policy is refused before
-        anything changes (:func:`hf_freeze.checkpoints.check_resume_policy`).
+        anything changes (:func:`hf_freeze.checkpoints.check_resume_policy`), and so is one whose frozen tensors differ
+        from the fingerprint it recorded (:func:`hf_freeze.checkpoints.resume_fingerprint`); once loaded, that record
+        is the reference the run verifies against, whatever this model object held before.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir,
                                                                   needs_optimizer=not self.args.save_only_model))
+        recorded = None
         if resume_from_checkpoint:
             check_resume_policy(resume_from_checkpoint, self.freeze_policy)
+            recorded = resume_fingerprint(resume_from_checkpoint) if self.freeze_policy.verify else None
+        self.freeze_callback.resume_record = (str(resume_from_checkpoint), recorded) if recorded is not None else None
         if self.model_init is None:  # with model_init, call_model_init starts the run on the new model
             self.freeze_callback.start_run(self.model, self.args, resumed=bool(resume_from_checkpoint))
         else:
