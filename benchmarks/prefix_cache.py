@@ -7,9 +7,9 @@ prefix outputs (the same batches, the same optimizer), which is what training th
 Also the size of the cache per example and the weights of the cached and uncached runs (identical or not).
 
 Part 2, a gradual schedule end to end: ``freeze=backbone`` with two unfreeze events (a quarter of the groups
-below the head each), ``--epochs`` epochs per phase: the linear-probe cache serves the first phase, then the
-prefix cache at a boundary that moves down once more; cached vs uncached, whole ``train()`` wall time including
-every probe and cache build.
+below the head each), ``--epochs`` epochs per phase: under ``auto`` the prefix cache serves from the start (the
+deepest frozen module for the head-only phase) and computes the two later boundaries' rows in the same pass; cached
+vs uncached, whole ``train()`` time including every probe, cache build and check.
 
 Models: the real MobileNetV2 (``mobilenet_v2_1.0_224-imagenet`` from the shared fixtures) at 128 px on
 Fashion-MNIST images through its image processor (skipped with the reason when the fixtures are absent), and a
