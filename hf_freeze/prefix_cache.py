@@ -44,6 +44,7 @@ prefix's tensors, in the same folder (``feature_cache.cache_folder``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -1220,9 +1221,9 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
             return False
         self._prefix_drop(f"group(s) {sorted(set(old.groups) - set(plan.groups))} train now")
         self.prefix_cache, self._prefix_plan, self._prefix_sizes = ready, plan, {plan.batch_size: True}
-        if ready.storage == "memory":  # the in-memory cache a later run can reuse
+        if ready.storage == "memory":  # the in-memory cache a later run can reuse (a copy: closing ours keeps it)
             _MEMORY.clear()
-            _MEMORY[ready.key] = ready
+            _MEMORY[ready.key] = dataclasses.replace(ready)
         self._record_cache(ready, time.perf_counter() - start)
         return True
 

@@ -186,6 +186,16 @@ def test_a_cache_computed_ahead_is_checked_when_due_and_refused_when_the_prefix_
     assert "random numbers" in on.prefix_cache_refusal
 
 
+def test_a_later_run_reuses_the_in_memory_cache_a_schedule_ended_with(tmp_path):
+    """The schedule ends serving the stem's rows (computed ahead); the next run in the process (a search trial, a
+    notebook) freezes the stem only and reuses them from memory, after the first trainer let them go."""
+    train(tmp_path, "auto", policy=GRADUAL, num_train_epochs=4, name="first")
+    off, w_off = train(tmp_path, "off", policy="freeze=stem")
+    on, w_on = train(tmp_path, "auto", policy="freeze=stem")
+    assert differing(w_off, w_on) == []
+    assert [(i["boundary"], i["source"]) for i in on.prefix_cache_info] == [("resnet.embedder", "memory")]
+
+
 def test_a_failed_check_of_a_cache_computed_ahead_probes_again(tmp_path, monkeypatch):
     monkeypatch.setattr(pc, "recheck", lambda *a: "forced by the test")
     off, w_off = train(tmp_path, "off", policy=GRADUAL, num_train_epochs=4)
