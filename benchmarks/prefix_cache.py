@@ -303,6 +303,7 @@ def sweep() -> list[dict]:
             verdict = ("DIFFERENT" if differ else "served, bit-identical" if any(s for _, s in served) else "refused")
             rows.append({"model_type": model_type, "precision": "bf16" if bf16 else "fp32", "policy": policy,
                          "verdict": verdict, "boundaries": served, "refusal": auto.prefix_cache_refusal,
+                         "sources": [i["source"] for i in auto.prefix_cache_info],
                          "bytes_per_example": [i["bytes_per_example"] for i in auto.prefix_cache_info],
                          "differing_tensors": differ})
             print(f"| {model_type} | {rows[-1]['precision']} | {policy} | {verdict} | "

@@ -43,6 +43,7 @@ SOURCES = {
     "mixed_precision": "benchmarks/results/mixed_precision_h200.txt",
     "prefix_cache": "benchmarks/results/prefix_cache_cpu.json",
     "prefix_cache_sweep": "benchmarks/results/prefix_cache_sweep_cpu.json",
+    "prefix_cache_160": "benchmarks/results/prefix_cache_cpu_160.json",
 }
 
 
@@ -475,12 +476,15 @@ def prefix_cache_table(d: dict) -> str:
                     f"{sum(off[i] for i in starts):.1f} s uncached; the other {len(rest)} epochs "
                     f"{sum(on[i] for i in rest):.1f} s vs {sum(off[i] for i in rest):.1f} s. Boundaries: {sources} "
                     "(*ahead*: its rows computed in the first boundary's pass).")
-    for r in served:  # batches of another size than the cache's are served only where the prefix gives the same bits
-        other = {k: v for k, v in r["cache"][0].get("batch_sizes", {}).items() if v != "cache"}
-        if other:
-            rows.append(f"\n{r['model']} {r['boundary']}: batches of " + ", ".join(
-                f"{k} ({v})" for k, v in other.items()) + " train on the real examples (the epoch's last batch); "
-                "the ideal serves every batch from stored rows.")
+    uncached_sizes = {}  # batches of another size than the cache's are served only where the prefix gives the same bits
+    for r in served:
+        for k, v in r["cache"][0].get("batch_sizes", {}).items():
+            if v != "cache":
+                uncached_sizes.setdefault((r["model"], k), []).append(r["boundary"])
+    for (model, k), where in uncached_sizes.items():
+        rows.append(f"\n{model} ({', '.join(where)}): the epoch's last batch ({k} of {served[0]['cache'][0]['rows']} "
+                    f"images) trains on the real examples: the prefix rounds differently in batches of {k} than of "
+                    "16; the ideal serves every batch from stored rows.")
     ideal_ok = [r for r in served if r["cached_over_ideal"] <= 1.15]
     fast = [g for g in d["gradual"] if g["speedup"] >= 1.5]
     worst = max((r["cached_over_ideal"] for r in served), default=float("nan"))
@@ -490,9 +494,22 @@ def prefix_cache_table(d: dict) -> str:
         f"({len(ideal_ok)} of {len(served)} boundaries; worst {worst:.2f}x). Goal *gradual schedule at least 1.5x "
         f"faster end to end*: **{'met' if len(fast) == len(d['gradual']) else 'not met'}** ({len(fast)} of "
         f"{len(d['gradual'])} models: " + ", ".join(f"{g['model']} {g['speedup']:.2f}x" for g in d["gradual"]) + "). "
-        f"{d['images']} images, batch 16, {d['size']} px, {d['epochs']} epochs per run, {d['threads']} torch thread"
+        f"{served[0]['cache'][0]['rows'] if served else d['images']} images (`--images {d['images']}`: "
+        f"{d['images'] // 10} per class), batch 16, {d['size']} px, {d['epochs']} epochs per run, {d['threads']} torch thread"
         f"{'s' if d['threads'] != 1 else ''}, CPU ({d.get('cpus', '?')} cores shared with other jobs"
         + (f", load average {load[0]:.1f} at the start" if load else "") + ").")
+
+
+def prefix_cache_full_batches_sentence(d: dict) -> str:
+    """The same benchmark on a dataset of whole batches (no epoch-end batch of another size)."""
+    runs = [r for r in d["runs"] if r.get("ideal")]
+    model = runs[0]["model"] if runs else d["gradual"][0]["model"]
+    rows = runs[0]["cache"][0]["rows"] if runs else d["images"]
+    return (f"The same benchmark with {rows} images ({rows // 16} full batches, no partial one; "
+            f"`python benchmarks/prefix_cache.py --images {d['images']} --models {model}`, "
+            f"`benchmarks/results/prefix_cache_cpu_160.json`) gives cached / ideal "
+            + ", ".join(f"{r['cached_over_ideal']:.2f}x ({r['boundary']})" for r in runs)
+            + " and the gradual schedule " + ", ".join(f"{g['speedup']:.2f}x" for g in d["gradual"]) + ".")
 
 
 def prefix_cache_sweep_sentence(rows: list) -> str:
@@ -504,7 +521,9 @@ def prefix_cache_sweep_sentence(rows: list) -> str:
             f"epoch 1), the prefix cache served {len(verdicts['served, bit-identical'])} with bit-identical weights, "
             f"refused {len(verdicts['refused'])}" + (f" ({refused})" if refused else "")
             + f", and {len(verdicts['DIFFERENT'])} differed (`benchmarks/prefix_cache.py --sweep`, "
-            "`benchmarks/results/prefix_cache_sweep_cpu.json`).")
+            "`benchmarks/results/prefix_cache_sweep_cpu.json`)." + (
+                f" In {sum('ahead' in r['sources'] for r in rows)} of them the second boundary's rows were computed "
+                "in the first boundary's pass (*ahead*)." if all("sources" in r for r in rows) else ""))
 
 
 STEP_ROWS = [
@@ -649,6 +668,7 @@ RENDERERS: dict[str, tuple[str, Callable]] = {
     "readme-mixed-precision": ("mixed_precision", mixed_precision_summary),
     "readme-prefix-cache": ("prefix_cache", prefix_cache_table),
     "readme-prefix-cache-sweep": ("prefix_cache_sweep", prefix_cache_sweep_sentence),
+    "readme-prefix-cache-160": ("prefix_cache_160", prefix_cache_full_batches_sentence),
 }
 
 
