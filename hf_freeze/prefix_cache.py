@@ -49,10 +49,12 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -73,6 +75,7 @@ from .errors import FreezePolicyError
 from .fingerprint import LEAF_BYTES, _leaf, _root
 from .groups import model_type_of
 from .names import unwrap_model
+from .plan import Timing
 from .state import get_state
 
 logger = logging.getLogger(__name__)
@@ -132,11 +135,15 @@ def leading_frozen(state, frozen: set[str] | None = None) -> list[str]:
     return out
 
 
-def later_prefixes(state) -> list[list[str]]:
+def later_prefixes(state, fires: Callable | None = None) -> list[list[str]]:
     """The leading frozen groups after each unfreeze event still to fire, in firing order: the prefixes the schedule
-    will reach (a prefix equal to the one before it, and what follows an empty one, left out)."""
+    will reach (a prefix equal to the one before it, and what follows an empty one, left out). ``fires(event)``:
+    whether the run reaches that event (``max_steps`` may end it first); the events after one it does not reach are
+    left out too."""
     frozen, last, out = set(state.frozen), leading_frozen(state), []
     for event in state.plan.events[state.events_done:]:
+        if fires is not None and not fires(event):
+            break
         for g in event.groups:
             frozen -= set(state.groups[g].param_names) - state.user_frozen
         lead = leading_frozen(state, frozen)
@@ -709,6 +716,7 @@ class DiskWriter:
         self.path, self.entries, self.meta = path, entries, meta
         path.parent.mkdir(parents=True, exist_ok=True)
         fc.clean_stale_temps(path.parent)
+        clean_stale_spills(path.parent)
         self.tmp = fc._temp_name(path)
         self.digests = {k: StreamDigest(d, s) for k, (d, s) in entries.items()}
         head, self.offsets = _header(entries, {**meta, "checksums": self._sums("0" * DIGEST_CHARS)})
@@ -738,6 +746,24 @@ class DiskWriter:
     def abort(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def spill_name(key: str) -> str:
+    """The file of a cache spilled to disk for this run only: it names the host and process that own it."""
+    return f"{key}.spill.{socket.gethostname()}.{os.getpid()}.safetensors"
+
+
+def clean_stale_spills(folder: Path) -> list[Path]:
+    """Remove spill files of processes on this host that no longer run (a killed run never deleted them)."""
+    removed = []
+    host = socket.gethostname()
+    for p in folder.glob("*.spill.*.safetensors"):
+        owner_host, _, pid = p.name.removesuffix(".safetensors").rsplit(".spill.", 1)[1].rpartition(".")
+        if owner_host == host and pid.isdigit() and not fc._alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+            logger.info("hf_freeze: removed %s, spilled by a run that no longer runs", p)
+    return removed
 
 
 def read_disk(path: Path, key: str) -> tuple[dict[str, np.memmap], dict[str, tuple]] | None:
@@ -797,6 +823,8 @@ class PrefixCache:
     path: Path | None = None
     temporary: bool = False  # a file written because the cache did not fit in memory: deleted when dropped
     dtypes: dict[str, tuple] = field(default_factory=dict)
+    weights: str = ""  # model_key when the rows were computed (weights, modules and hooks of the prefix, ...)
+    data: str = ""  # the data digest of the pass that computed them
 
     @property
     def rows(self) -> int:
@@ -849,7 +877,10 @@ class PrefixCache:
         start = time.perf_counter()
         inner = unwrap_model(model)
         device = next(inner.parameters()).device
-        prefix = f"{model_type_of(inner)}-{model_key(inner, plan, device)[:20]}"
+        plans = [plan, *ahead]
+        weights = [model_key(inner, p, device) for p in plans]
+        prefixes = [f"{model_type_of(inner)}-{w[:20]}" for w in weights]
+        prefix = prefixes[0]
         folder = fc.cache_folder(cache_dir)
         known = [k for k in _MEMORY if k.startswith(prefix)]
         if storage == "disk" and keep and folder.is_dir():
@@ -867,40 +898,44 @@ class PrefixCache:
                 if found is not None:
                     arrays, dtypes = found
                     labels = torch.from_numpy(np.array(arrays.pop("labels"))).view(dtypes["labels"][0])
-                    return cls(plan, arrays, labels.reshape(-1), key, "disk", path=path,
-                               dtypes=dtypes).since(start, "disk"), []
+                    return cls(plan, arrays, labels.reshape(-1), key, "disk", path=path, dtypes=dtypes,
+                               weights=weights[0], data=data).since(start, "disk"), []
         _MEMORY.clear()  # one prefix cache in memory at a time
-        plans = [plan, *ahead]
-        prefixes = [prefix, *(f"{model_type_of(inner)}-{model_key(inner, p, device)[:20]}" for p in ahead)]
-        sinks = []
+        sinks, caches = [], []
         try:
-            for p, name in zip(plans, prefixes):
-                entries = {f"leaf.{i}": (leaf.dtype, (p.n, *leaf.stored_shape)) for i, leaf in p.layout.rows.items()}
+            for i, (p, name) in enumerate(zip(plans, prefixes)):
+                entries = {f"leaf.{j}": (leaf.dtype, (p.n, *leaf.stored_shape)) for j, leaf in p.layout.rows.items()}
                 if storage == "memory":
-                    sinks.append(MemorySink(entries))
+                    sink = MemorySink(entries)
                 else:
                     # a file kept for later runs goes in the folder, a spill of this run in its spill/ subfolder
                     where = folder if keep else folder / "spill"
-                    sinks.append(DiskSink(where / f"{name}-building-{os.getpid()}.safetensors",
-                                          {**entries, "labels": (torch.int64, (p.n,))}))
+                    sink = DiskSink(where / f"{name}-building-{os.getpid()}.safetensors",
+                                    {**entries, "labels": (torch.int64, (p.n,))})
+                sinks.append(sink if i == 0 else Optional(sink))
             digest = _pass(model, plans, fetch, prepare, sinks, progress)
             if data is None:  # every example read a second time, under another random state: augmentation shows
                 data = _pass(model, plans, fetch, prepare, None, progress)
             if digest != data:
                 raise fc.DataChanged("the dataset returned different inputs on a second read")
-            caches = [sink.finish(cls, p, f"{name}-{digest[:20]}-{p.n}", folder, keep)
-                      for sink, p, name in zip(sinks, plans, prefixes)]
+            for sink, p, name, w in zip(sinks, plans, prefixes, weights):
+                cache = sink.finish(cls, p, f"{name}-{digest[:20]}-{p.n}", folder, keep)
+                if cache is not None:
+                    cache.weights, cache.data = w, digest
+                caches.append(cache)
         except BaseException:
             for sink in sinks:
                 sink.abort()
+            for cache in caches:  # finished before the failure: a spilled file is deleted, a kept one stays valid
+                if cache is not None:
+                    cache.close()
             raise
         if storage == "memory":
             _MEMORY[caches[0].key] = caches[0]
-        return caches[0].since(start, "computed"), [c.since(start, "ahead") for c in caches[1:]]
+        return caches[0].since(start, "computed"), [c.since(start, "ahead") for c in caches[1:] if c is not None]
 
     def since(self, start: float, source: str) -> PrefixCache:
-        return PrefixCache(self.plan, self.fields, self.labels, self.key, self.storage, source,
-                           time.perf_counter() - start, self.path, self.temporary, self.dtypes)
+        return dataclasses.replace(self, source=source, seconds=time.perf_counter() - start)
 
 
 class MemorySink:
@@ -934,7 +969,7 @@ class DiskSink:
         self.writer.append(name, rows)
 
     def finish(self, cls, plan, key, folder, keep):
-        final = self.path.parent / f"{key}.safetensors"
+        final = self.path.parent / (f"{key}.safetensors" if keep else spill_name(key))
         self.writer.meta["key"] = key
         self.writer.path = final
         self.writer.close()
@@ -949,12 +984,45 @@ class DiskSink:
         self.writer.abort()
 
 
+class Optional:
+    """A sink of rows computed ahead: a disk that cannot take them (OSError: full, read-only) drops them (those
+    boundaries are computed when due) and never fails the boundary that is due now."""
+
+    def __init__(self, sink):
+        self.sink, self.failed = sink, None
+
+    def append(self, name, rows):
+        if self.failed is None:
+            try:
+                self.sink.append(name, rows)
+            except OSError as e:
+                self._fail(e)
+
+    def finish(self, cls, plan, key, folder, keep):
+        if self.failed is None:
+            try:
+                return self.sink.finish(cls, plan, key, folder, keep)
+            except OSError as e:
+                self._fail(e)
+        return None
+
+    def _fail(self, error: OSError) -> None:
+        self.failed = error
+        self.sink.abort()
+        logger.warning("hf_freeze: the rows computed ahead for a later boundary could not be written (%s): that "
+                       "boundary is computed when it is due", error)
+
+    def abort(self):
+        self.sink.abort()
+
+
 def model_key(inner: nn.Module, plan: PrefixPlan, device: torch.device) -> str:
     """Digest of everything but the data that determines the cached rows, taken now."""
     tensors = dict((*inner.named_parameters(), *inner.named_buffers()))
+    modules = dict(inner.named_modules())
     return fc.weights_key(inner, {n: tensors[n] for n in plan.tensors if n in tensors}, FORMAT, plan.boundary, device,
                           plan.autocast, plan.batch_size, str(plan.layout.spec), sorted(plan.layout.rows.items()),
-                          plan.pixels)
+                          plan.pixels, *(safety.modules_digest(modules[m]) for m in (*plan.skipped, plan.boundary)))
 
 
 #: the random state a digest-only pass reads the data under: another state than the pass that fills the cache (which
@@ -1051,9 +1119,24 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         try:
             with fc._training_mode(self.model):
                 return probe(self.model, self._probe_loss, self._fetch_prepared, n, b, first, self._forward_context,
-                             later=later_prefixes(get_state(self.model)))
+                             later=self._later_prefixes())
         except Exception as e:  # the real step fails the same way: let the Trainer report it
             return PrefixProbe(f"the probe's training forward failed ({type(e).__name__}: {e})")
+
+    def _later_prefixes(self) -> list[list[str]]:
+        """:func:`later_prefixes` of the events this run reaches: with ``max_steps``, those that fire before it (steps
+        per epoch counted as the Trainer counts them from the dataset's length, the batch size, the processes and
+        gradient accumulation)."""
+        state = get_state(self.model)
+        limit = self.args.max_steps if self.args.max_steps and self.args.max_steps > 0 else None
+        if limit is None:
+            return later_prefixes(state)
+        per_rank = math.ceil(len(self.train_dataset) / max(self.args.world_size, 1))
+        size = self._train_batch_size
+        batches = per_rank // size if self.args.dataloader_drop_last else math.ceil(per_rank / size)
+        acc = max(int(self.args.gradient_accumulation_steps or 1), 1)
+        timing = Timing(max(batches // acc + int(batches % acc > 0), 1), max(batches, 1), acc)
+        return later_prefixes(state, lambda event: timing.fire_step(event) < limit)
 
     def _size_refusal(self, plan: PrefixPlan, later: bool = False) -> str | None:
         """Why the cache at ``plan`` cannot be stored under this mode and these limits (None: it can)."""
@@ -1087,7 +1170,7 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
     def _memory_refusal_later(self) -> str | None:
         """feature_cache='memory' while the linear-probe cache serves a schedule's head-only phase: a prefix the
         schedule reaches later whose cache cannot fit the memory limit is refused before the first step."""
-        if self.feature_cache_mode != "memory" or not later_prefixes(get_state(self.model)):
+        if self.feature_cache_mode != "memory" or not self._later_prefixes():
             return None
         found = self._prefix_probe()
         later = [p for p in (found.plan, *found.ahead) if p is not None and p.groups != leading_frozen(
@@ -1141,7 +1224,7 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         boundary is computed when due."""
         state = get_state(self.model)
         if (self.feature_cache_mode != "auto" or state is None or state.trainable_below_head()
-                or not later_prefixes(state) or policy_refusal(self.model)):
+                or not self._later_prefixes() or policy_refusal(self.model)):
             return None
         reason, plan = self._prefix_check()
         if plan is None or not self._prefix_later:
@@ -1205,9 +1288,18 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         """Serve ``ready`` (computed ahead) from now on if :func:`recheck` passes with the groups that train now."""
         start = time.perf_counter()
         plan = ready.plan
+        inner = unwrap_model(self.model)
         reason = policy_refusal(self.model) or self._cache_refusal()
+        if reason is None and model_key(inner, plan, next(inner.parameters()).device) != ready.weights:
+            reason = ("the prefix's weights, modules or forward hooks changed since its rows were computed")
         if reason is None and fc.batch_digest(self._real_batch(range(plan.batch_size))) != plan.first_digest:
             reason = "the first batch differs from the one the probe read"
+        if reason is None:  # every example read again (as a build would): the dataset still gives the same inputs
+            try:
+                if _pass(self.model, [plan], self._real_batch, self._prepare_inputs, None, False) != ready.data:
+                    reason = "the dataset returns other inputs than when its rows were computed"
+            except fc.DataChanged as e:
+                reason = f"the dataset returns other inputs than when its rows were computed ({e})"
         if reason is None:
             try:
                 with fc._training_mode(self.model):
