@@ -27,10 +27,14 @@ DataParallel, no compute_loss_func, no override of compute_loss/training_step), 
 checked by the linear-probe cache's own functions (``FeatureCacheTrainerMixin._cache_refusal``,
 ``feature_cache.model_refusal``), so a check added there guards both caches.
 
-**Schedules.** An unfreeze event that reaches the prefix moves the boundary down: the cache is dropped, the
-probe runs again at the new boundary and the cache is rebuilt (one prefix pass over the data); when the
-first group trains, batches come from the real examples. A batch of another size (an epoch's last) is served
-from the cache if the prefix gives the same bits at that size, else from the real examples.
+**Schedules.** An unfreeze event that reaches the prefix moves the boundary down. The probe also chooses the
+boundaries of the prefixes the events still to fire will reach (:func:`later_prefixes`), and the pass that
+computes the rows stores theirs too (:attr:`PrefixProbe.ahead`); when one is due it serves after
+``_switch_to``'s check (same key, same data digest, :func:`recheck`'s training step), else the probe runs again at
+the new boundary and the cache is rebuilt (one prefix pass over the data). Under ``auto`` a head-only phase whose
+schedule reaches a prefix later is served from the deepest frozen module, so that one pass serves the whole run.
+When the first group trains, batches come from the real examples. A batch of another size (an epoch's last) is
+served from the cache if the prefix gives the same bits at that size, else from the real examples.
 
 **Storage.** ``memory`` (host memory, rows moved to the model's device per step) while the cache fits
 ``feature_cache_max_memory`` (default: half of the memory available when the trainer is built); above it
