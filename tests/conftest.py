@@ -20,3 +20,15 @@ def mobilenet_v2_path():
     if not (MOBILENET_V2 / "model.safetensors").is_file():
         pytest.skip(f"real MobileNetV2 not found at {MOBILENET_V2} (set HF_FREEZE_SHARED to the shared/ folder)")
     return MOBILENET_V2
+
+
+@pytest.fixture
+def fresh_caches():
+    """Both caches' in-process memory emptied before and after the test: each test starts like a new process."""
+    from hf_freeze import feature_cache, prefix_cache
+
+    feature_cache._MEMORY.clear()
+    prefix_cache._MEMORY.clear()
+    yield
+    feature_cache._MEMORY.clear()
+    prefix_cache._MEMORY.clear()

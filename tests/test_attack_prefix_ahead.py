@@ -21,12 +21,8 @@ TWO = "freeze=backbone;unfreeze=epoch1:1,epoch2:1"
 
 
 @pytest.fixture(autouse=True)
-def fresh_memory():
-    fc._MEMORY.clear()  # each test starts like a new process
-    pc._MEMORY.clear()
+def fresh_memory(fresh_caches):  # tests/conftest.py
     yield
-    fc._MEMORY.clear()
-    pc._MEMORY.clear()
 
 
 def resnet():
@@ -588,22 +584,14 @@ def test_two_ddp_processes_deciding_differently_about_the_rows_computed_ahead(tm
     """Rank 0 serves the whole schedule from memory, rank 1 spills each boundary to disk; then disk mode with both
     ranks writing the same files computed ahead into one folder. Every run equals the plain one on its rank, and the
     ranks hold the same parameters."""
-    import os
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from torchrun import torchrun_script
+
     root = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(root / "tests" / "scripts" / "attack_prefix_ahead_ddp.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    torchrun_script("attack_prefix_ahead_ddp.py", tmp_path, expect=["rank0.pt", "rank1.pt"],
+                    env={"PYTHONPATH": str(root)})
     ranks = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
-    assert all(p.is_file() for p in ranks), proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(p) for p in ranks)
     for r in (r0, r1):
         assert r["world_size"] == 2

@@ -20,12 +20,8 @@ UNFREEZE = "freeze=backbone;unfreeze=epoch1:1"  # head only for epoch 0, then st
 
 
 @pytest.fixture(autouse=True)
-def fresh_memory():
-    fc._MEMORY.clear()  # each test starts like a new process
-    prefix_cache._MEMORY.clear()
+def fresh_memory(fresh_caches):  # tests/conftest.py
     yield
-    fc._MEMORY.clear()
-    prefix_cache._MEMORY.clear()
 
 
 def train(tmp_path, mode, model=None, policy="backbone", dataset=None, trainer_cls=FreezeTrainer, name=None,
@@ -455,17 +451,10 @@ def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_two_ddp_processes_on_a_core_install_train_the_same_with_the_default_cache(tmp_path):
     """torchrun, 2 CPU processes (gloo), `datasets` not importable (item 3: FreezeTrainer with a torch Dataset must
     not need it): with the default feature_cache='auto' each rank's weights equal its weights with the cache off."""
-    import socket
+    from torchrun import torchrun_script
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(ROOT / "tests" / "scripts" / "ddp_feature_cache.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    torchrun_script("ddp_feature_cache.py", tmp_path, expect=["rank0.pt", "rank1.pt"], env={"PYTHONPATH": str(ROOT)})
     ranks = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
-    assert all(p.is_file() for p in ranks), proc.stdout[-3000:] + proc.stderr[-3000:]  # (gloo may abort at exit)
     for path in ranks:
         r = torch.load(path)
         assert r["world_size"] == 2 and r["datasets"] is None, r

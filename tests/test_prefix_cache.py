@@ -22,12 +22,8 @@ GRADUAL = "freeze=backbone;unfreeze=epoch1:1,epoch2:1,epoch3:1"
 
 
 @pytest.fixture(autouse=True)
-def fresh_memory():
-    fc._MEMORY.clear()  # each test starts like a new process
-    pc._MEMORY.clear()
+def fresh_memory(fresh_caches):  # tests/conftest.py
     yield
-    fc._MEMORY.clear()
-    pc._MEMORY.clear()
 
 
 def train(tmp_path, mode, model=None, policy=STATIC, dataset=None, name=None, resume=None, callbacks=None, **args):
