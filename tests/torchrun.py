@@ -15,7 +15,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_script(script: str, out: Path, *args: str, expect: list[str], nproc: int = 2, env: dict | None = None):
+def torchrun_script(script: str, out: Path, *args: str, expect: list[str], nproc: int = 2, env: dict | None = None,
+                    timeout: int = 900):
     """Run ``scripts/<script> <out> <args>`` under torchrun; ``expect``: files under ``out`` the run must write.
 
     gloo occasionally aborts at process exit after the work is done: one retry, then the files decide.
@@ -24,7 +25,7 @@ def torchrun_script(script: str, out: Path, *args: str, expect: list[str], nproc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(SCRIPTS / script), str(out), *args]
     for _attempt in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode == 0 or all((out / f).is_file() for f in expect):
             break
     missing = [f for f in expect if not (out / f).is_file()]
