@@ -1289,7 +1289,9 @@ class PrefixCacheTrainerMixin(fc.FeatureCacheTrainerMixin):
         return self.prefix_cache
 
     def _switch_to(self, ready: PrefixCache, old: PrefixPlan) -> bool:
-        """Serve ``ready`` (computed ahead) from now on if :func:`recheck` passes with the groups that train now."""
+        """Serve ``ready`` (computed ahead) from now on if the prefix's key is unchanged (weights, modules, hooks),
+        a read of every example gives the digest of the pass that computed its rows, and :func:`recheck` passes
+        with the groups that train now; else close it (False: the boundary is probed and built as usual)."""
         start = time.perf_counter()
         plan = ready.plan
         inner = unwrap_model(self.model)
