@@ -164,6 +164,22 @@ def boundaries(make) -> list[tuple[str, int, int]]:
     return [(f"{p}%", max(1, round(len(below) * p / 100)), len(below)) for p in (25, 50, 75)]
 
 
+def timed_run(make, policy, dataset, out, epochs, mode):
+    """One FreezeTrainer run from a fresh process-like state: (trainer, model, CPU and wall seconds per epoch and in
+    all)."""
+    pc._MEMORY.clear()
+    fc._MEMORY.clear()
+    set_seed(0)
+    clock = EpochClock()
+    model = make()
+    t = hf_freeze.FreezeTrainer(model=model, args=targs(out, epochs), train_dataset=dataset, freeze_policy=policy,
+                                feature_cache=mode, callbacks=[clock])
+    start, start_wall = CLOCK(), time.perf_counter()
+    t.train()
+    return t, model, {"epoch_s": clock.epochs(), "train_s": CLOCK() - start, "epoch_wall_s": clock.epochs(wall=True),
+                      "train_wall_s": time.perf_counter() - start_wall}
+
+
 def compare(name, make, dataset, epochs, tmp) -> list[dict]:
     rows = []
     for label, k, total in boundaries(make):
@@ -171,17 +187,7 @@ def compare(name, make, dataset, epochs, tmp) -> list[dict]:
         res = {"model": name, "boundary": label, "policy": policy, "frozen_groups": k, "groups_below_head": total}
         w = {}
         for mode in ("off", "auto"):
-            pc._MEMORY.clear()
-            fc._MEMORY.clear()
-            set_seed(0)
-            clock = EpochClock()
-            model = make()
-            t = hf_freeze.FreezeTrainer(model=model, args=targs(tmp / f"{name}-{k}-{mode}", epochs), train_dataset=dataset,
-                                        freeze_policy=policy, feature_cache=mode, callbacks=[clock])
-            start, start_wall = CLOCK(), time.perf_counter()
-            t.train()
-            res[mode] = {"epoch_s": clock.epochs(), "train_s": CLOCK() - start, "epoch_wall_s": clock.epochs(wall=True),
-                         "train_wall_s": time.perf_counter() - start_wall}
+            t, model, res[mode] = timed_run(make, policy, dataset, tmp / f"{name}-{k}-{mode}", epochs, mode)
             if mode == "auto":
                 res["cache"] = t.prefix_cache_info
                 res["refusal"] = t.prefix_cache_refusal
@@ -216,17 +222,7 @@ def gradual(name, make, dataset, epochs, tmp) -> dict:
     res = {"model": name, "policy": policy, "epochs": epochs}
     w = {}
     for mode in ("off", "auto"):
-        pc._MEMORY.clear()
-        fc._MEMORY.clear()
-        set_seed(0)
-        clock = EpochClock()
-        model = make()
-        t = hf_freeze.FreezeTrainer(model=model, args=targs(tmp / f"{name}-gradual-{mode}", epochs), train_dataset=dataset,
-                                    freeze_policy=policy, feature_cache=mode, callbacks=[clock])
-        start, start_wall = CLOCK(), time.perf_counter()
-        t.train()
-        res[mode] = {"train_s": CLOCK() - start, "epoch_s": clock.epochs(), "train_wall_s": time.perf_counter() - start_wall,
-                     "epoch_wall_s": clock.epochs(wall=True)}
+        t, model, res[mode] = timed_run(make, policy, dataset, tmp / f"{name}-gradual-{mode}", epochs, mode)
         if mode == "auto":
             res["head_cache"] = t.feature_cache_info
             res["prefix_cache"] = t.prefix_cache_info

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 from helpers import StopAt, TinyImages, identical, snapshot, tiny_model, training_args
+from helpers import tiny_vit as vit
 from torch import nn
 
 from hf_freeze import FreezePolicyError, FreezeTrainer
@@ -55,19 +56,6 @@ def same_as_off(tmp_path, make, policy, mode="memory", expect_served=True, **kw)
     if expect_served:
         assert served(on) > 0, on.prefix_cache_refusal
     return off, on
-
-
-def vit(**config):
-    from transformers import ViTForImageClassification
-
-    from hf_freeze.tiny import tiny_config
-
-    torch.manual_seed(2)
-    cfg = tiny_config("vit")
-    cfg.intermediate_size = 64
-    for k, v in config.items():
-        setattr(cfg, k, v)
-    return ViTForImageClassification(cfg)
 
 
 # =========================================================================== schedules and optimizer features
