@@ -17,6 +17,7 @@ from . import _fields
 from .adapter_config import AdapterConfig
 from .cache_safety import cache_dir_problem
 from .checks import model_source_problem, policy_problems, schedule_problems, unknown_choice
+from .distributed import every_process_runs_alone, saves_on_this_process
 from .errors import FreezePolicyError
 from .feature_cache import MODES
 from .policy import FreezePolicy
@@ -179,8 +180,21 @@ class FreezeTrainingArguments(TrainingArguments, FreezeArguments, DeltaArguments
     average_tokens_across_devices: bool = field(default=False, metadata={
         "help": "Kept False for image classification: the model's loss is already a per-batch mean."})
 
+    #: :func:`hf_freeze.distributed.check_backend` accepts DeepSpeed's every-process-alone set-up with these args
+    saves_from_one_process = True
+
     def __post_init__(self):
         # the freeze flags first: a bad one fails while parsing, before TrainingArguments sets anything up
         self.check_freeze_arguments(self.num_train_epochs, self.max_steps)
         self.check_delta_arguments()
         super().__post_init__()
+
+    @property
+    def should_save(self) -> bool:
+        """``TrainingArguments.should_save``; where DeepSpeed trains over processes the Trainer each runs as if
+        alone (:func:`hf_freeze.distributed.every_process_runs_alone`: DeepSpeed without GPUs), only
+        ``torch.distributed`` rank 0 (each node's local rank 0 with ``save_on_each_node``): else every process would
+        write every checkpoint file into the same folder at once."""
+        if not super().should_save:
+            return False
+        return not every_process_runs_alone(self) or saves_on_this_process(self)

@@ -243,11 +243,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if fstate is None:
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(checkpoint) and state.is_world_process_zero:
+        if os.path.isdir(checkpoint) and args.should_save:  # the process(es) that wrote the checkpoint
             write_policy(checkpoint, self.policy)
         if self.policy.verify:
             verify_frozen(model, f"when saving checkpoint-{state.global_step}")
-            if os.path.isdir(checkpoint) and state.is_world_process_zero:  # what a resume verifies the checkpoint by
+            if os.path.isdir(checkpoint) and args.should_save:  # what a resume verifies the checkpoint by
                 write_fingerprint(checkpoint, fstate.fingerprint.digests, fstate.fingerprint.scheme)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -28,14 +28,23 @@ DeepSpeed on only where they really run, e.g. ``fsdp=...`` on CPU falls back to 
   buffer, and per-group learning rates (``layer_lr_decay``) with an ``optimizer`` or ``scheduler`` section in the
   DeepSpeed config (DeepSpeed's own optimizer has one learning rate, its schedulers give every group the same one;
   without those sections the Trainer builds hf_freeze's optimizer and scheduler and DeepSpeed wraps them).
+  DeepSpeed on a machine without GPUs (its CPU accelerator): accelerate then sets up each of the N
+  ``torch.distributed`` processes as if it were alone (``TrainingArguments.world_size`` 1, ``process_index`` 0 on
+  every rank), while the DeepSpeed engine trains one model over all of them, so every process would write every
+  checkpoint file into the same folder at once (a file read by one process while another rewrote it failed that
+  process's save, and the other then waited forever in DeepSpeed's next barrier). ``FreezeTrainingArguments.should_save``
+  lets only ``torch.distributed`` rank 0 (the node's local rank 0 with ``save_on_each_node``) write
+  (:func:`every_process_runs_alone`); other ``TrainingArguments`` classes are refused in that set-up.
 * Tensors on the meta device (weights offloaded by ``device_map``) are refused when verification is on.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
 from transformers import PreTrainedModel
@@ -64,6 +73,24 @@ class Backend:
     static_graph: bool = False
     activation_checkpointing: bool = False
     mixed_precision: str = "no"  # accelerate's: "no", "bf16", "fp16"
+    every_process_alone: bool = False  # DeepSpeed over N processes that the Trainer each runs as if alone
+
+
+def every_process_runs_alone(args) -> bool:
+    """DeepSpeed trains one model over ``torch.distributed``'s N processes while the Trainer runs each as if it were
+    alone (``args.world_size`` 1): what accelerate sets up where it finds no GPU (its ``_prepare_backend`` picks
+    gloo only with ``cpu=True``, which turns DeepSpeed off). Every process then counts as the main one."""
+    return (bool(getattr(args, "deepspeed", None)) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > int(getattr(args, "world_size", 1) or 1))
+
+
+def saves_on_this_process(args) -> bool:
+    """Whether this process writes checkpoint files when :func:`every_process_runs_alone`: ``torch.distributed``
+    rank 0, or each node's local rank 0 with ``save_on_each_node`` (what ``should_save`` gives where accelerate
+    counts the processes)."""
+    if getattr(args, "save_on_each_node", False):
+        return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    return dist.get_rank() == 0
 
 
 def _accelerator_state():
@@ -167,7 +194,7 @@ def effective_backend(args=None, model=None, state=None) -> Backend:
                        cpu_ram_efficient_loading=bool(getattr(fsdp, "cpu_ram_efficient_loading", False)),
                        activation_checkpointing=ckpt, mixed_precision=precision)
     if ds is not None:
-        return Backend("deepspeed", world, zero_stage=int(getattr(ds, "zero_stage", 0) or 0),
+        return Backend("deepspeed", world, every_process_alone=every_process_runs_alone(args), zero_stage=int(getattr(ds, "zero_stage", 0) or 0),
                        deepspeed_dtype=_deepspeed_dtype(ds, model),
                        deepspeed_cast_buffers=_deepspeed_cast_buffers(ds, model),
                        deepspeed_own=tuple(k for k in ("optimizer", "scheduler")
@@ -204,6 +231,15 @@ def check_backend(args, policy, model=None, *, backend: Backend | None = None) -
                 "dtype. Load the model in float32 (mixed precision still computes in "
                 f"{backend.mixed_precision}), or drop the schedule.")
     if backend.kind == "deepspeed":
+        if backend.every_process_alone and not getattr(type(args), "saves_from_one_process", False):
+            raise FreezePolicyError(
+                f"DeepSpeed runs over {dist.get_world_size()} torch.distributed processes, but accelerate found no GPU "
+                f"and set up each of them as if it were alone ({type(args).__name__}.world_size is "
+                f"{getattr(args, 'world_size', 1)}, process_index 0 on every rank), so every process would write every "
+                "checkpoint file into the same folder at once (a read of one while another rewrites it fails one "
+                "process and leaves the others waiting in DeepSpeed's next barrier). Use "
+                "hf_freeze.FreezeTrainingArguments (or a subclass): its should_save lets only torch.distributed rank 0 "
+                "write. Or run DeepSpeed on GPUs, or drop DeepSpeed (use_cpu=True runs DDP over gloo).")
         if schedule:
             raise FreezePolicyError(
                 f"DeepSpeed ignores tensors unfrozen after deepspeed.initialize, so the unfreeze schedule {schedule} "

@@ -56,7 +56,7 @@ def write_policy(folder: str | os.PathLike, policy) -> Path:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     path = out / POLICY_FILE
-    path.write_text(policy.to_json() + "\n")
+    _write_atomically(path, policy.to_json() + "\n")
     write_head_code(out)
     return path
 

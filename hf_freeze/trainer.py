@@ -21,7 +21,7 @@ from .callback import FreezeCallback
 from .checkpoints import check_resume_policy, last_complete_checkpoint, resume_fingerprint
 from .checks import schedule_problems
 from .delta import apply_delta_restoring_base, save_adapter_base, save_delta
-from .distributed import check_model_data
+from .distributed import check_model_data, every_process_runs_alone, saves_on_this_process
 from .errors import FreezePolicyError
 from .folder import (
     ADAPTER_BASE,
@@ -232,6 +232,12 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
             apply_delta_restoring_base(self.model if model is None else model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_rng_state(self, output_dir):
+        # where every process counts as alone (DeepSpeed without GPUs) each would write the same rng_state.pth
+        if every_process_runs_alone(self.args) and not saves_on_this_process(self.args):
+            return
+        super()._save_rng_state(output_dir)
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint

@@ -8,6 +8,10 @@ B. (not run by the tests; ``attack_deepspeed.py OUT b``) ZeRO-2 with DeepSpeed's
    backward-compatible key ``"bfloat16"`` on a float32 model: the frozen weights stayed float32 (checked by hand).
 C. ``FreezeTrainer.train(resume_from_checkpoint=True)`` after a ZeRO-2 run saved checkpoints.
 
+On CPU accelerate sets up each process as if it were alone (``args.world_size`` 1, ``process_index`` 0 on both
+ranks): A also records that ``FreezeTrainingArguments.should_save`` is True on rank 0 only, and that plain
+``TrainingArguments`` (every process would write every checkpoint file) are refused.
+
 Usage: attack_deepspeed.py OUT [a] [b] [c] (default: a c).
 """
 
@@ -19,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import TinyImages, snapshot, tiny_model, training_args  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import hf_freeze  # noqa: E402
 
@@ -66,6 +70,19 @@ def run_a():
         refusal = str(e)
     refused_untouched = hf_freeze.get_state(untouched) is None and all(p.requires_grad for p in untouched.parameters()) \
         and all(torch.equal(t, before[n]) for n, t in snapshot(untouched).items())
+    # plain TrainingArguments: every process would save (each counts as the main one): refused, model untouched
+    plain_model = tiny_model("resnet", seed=1)
+    plain_before = snapshot(plain_model)
+    plain = TrainingArguments(output_dir=str(out / "a_plain"), max_steps=1, per_device_train_batch_size=4,
+                              deepspeed={k: v for k, v in DS.items() if k != "optimizer"}, use_cpu=False, report_to=[],
+                              save_strategy="no")
+    try:
+        hf_freeze.FreezeTrainer(model=plain_model, args=plain, train_dataset=data, freeze_policy="freeze=stem")
+        plain_refusal = None
+    except hf_freeze.FreezePolicyError as e:
+        plain_refusal = str(e)
+    plain_untouched = hf_freeze.get_state(plain_model) is None and all(p.requires_grad for p in plain_model.parameters()) \
+        and all(torch.equal(t, plain_before[n]) for n, t in snapshot(plain_model).items())
     model = tiny_model("resnet", seed=1)
     base = snapshot(model)
     cb = Record()
@@ -76,6 +93,9 @@ def run_a():
     now = snapshot(model)
     stem = [n for n in base if n.startswith("resnet.embedder.")]
     return {"refusal": refusal, "refused_untouched": refused_untouched, "expected": expected, "engine": cb.lrs,
+            "plain_refusal": plain_refusal, "plain_untouched": plain_untouched,
+            "alone": hf_freeze.distributed.every_process_runs_alone(trainer.args), "args_world": trainer.args.world_size,
+            "should_save": trainer.args.should_save,
             "deepspeed": trainer.is_deepspeed_enabled,
             "stem_changed": [n for n in stem if not torch.equal(now[n], base[n])],
             "stage0_moved": any(n.startswith("resnet.encoder.stages.0.") and not torch.equal(now[n], base[n]) for n in base)}
