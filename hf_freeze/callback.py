@@ -98,7 +98,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def setup(self, model, args, *, open_future: bool = True) -> None:
         """Apply the policy (idempotent: again only when the model carries another policy or fired events) and, with
         ``open_future``, open the future groups for optimizer/DDP registration."""
-        check_backend(args, self.policy, model)
+        check_backend(args, self.policy, model, plain_trainer=self._standalone)
         outer, model = model, unwrap_model(model)
         state = get_state(model)
         if state is None or state.policy != self.policy or state.events_done:

@@ -19,6 +19,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from .errors import FreezePolicyError, FrozenWeightsChanged
@@ -71,10 +72,24 @@ def _deepspeed_problem(folder: Path) -> str | None:
     files = sorted(p for p in states.iterdir() if p.name.endswith("_states.pt"))
     if not any(p.name.endswith("model_states.pt") for p in files):
         return f"no DeepSpeed model states in {tag}/"
+    problem = next((f"{tag}/{problem}" for problem in map(_torch_file_problem, files) if problem), None)
     ranks = sorted({int(m.group(1)) for p in files if (m := _ZERO_STATES.match(p.name))})
-    if ranks and ranks != list(range(ranks[-1] + 1)):
-        return f"{tag}/ lacks the ZeRO optimizer states of rank(s) {sorted(set(range(ranks[-1] + 1)) - set(ranks))}"
-    return next((f"{tag}/{problem}" for problem in map(_torch_file_problem, files) if problem), None)
+    if problem or not ranks:
+        return problem
+    world = _zero_world_size(next(p for p in files if p.name.endswith("model_states.pt"))) or ranks[-1] + 1
+    missing = sorted(set(range(max(world, ranks[-1] + 1))) - set(ranks))
+    return f"{tag}/ lacks the ZeRO optimizer states of rank(s) {missing}" if missing else None
+
+
+def _zero_world_size(model_states: Path) -> int | None:
+    """The data-parallel world size a DeepSpeed model-states file records (how many ZeRO optimizer-state files its
+    checkpoint has), read without executing pickled code; None when it cannot be read that way."""
+    try:
+        saved = torch.load(model_states, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an older DeepSpeed's pickled classes: the rank numbering check alone
+        return None
+    world = saved.get("dp_world_size") if isinstance(saved, dict) else None
+    return world if isinstance(world, int) and world > 0 else None
 
 
 def _weights_problem(folder: Path) -> str | None:

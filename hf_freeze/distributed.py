@@ -207,9 +207,12 @@ def effective_backend(args=None, model=None, state=None) -> Backend:
     return Backend("none", world, activation_checkpointing=ckpt)
 
 
-def check_backend(args, policy, model=None, *, backend: Backend | None = None) -> Backend:
-    """Raise FreezePolicyError if ``policy`` cannot be honoured under the backend that will run; return it."""
+def check_backend(args, policy, model=None, *, backend: Backend | None = None, plain_trainer: bool = False) -> Backend:
+    """Raise FreezePolicyError if ``policy`` cannot be honoured under the backend that will run; return it.
+    ``plain_trainer``: a ``transformers.Trainer`` with :class:`~hf_freeze.FreezeCallback` (not FreezeTrainer)."""
     backend = backend or effective_backend(args, model)
+    if backend.every_process_alone:
+        _check_every_process_alone(args, plain_trainer)
     schedule = [u.to_string() for u in policy.unfreeze]
     if backend.kind == "fsdp" and backend.fsdp_version == 1 and not backend.use_orig_params:
         raise FreezePolicyError(
@@ -231,15 +234,6 @@ def check_backend(args, policy, model=None, *, backend: Backend | None = None) -
                 "dtype. Load the model in float32 (mixed precision still computes in "
                 f"{backend.mixed_precision}), or drop the schedule.")
     if backend.kind == "deepspeed":
-        if backend.every_process_alone and not getattr(type(args), "saves_from_one_process", False):
-            raise FreezePolicyError(
-                f"DeepSpeed runs over {dist.get_world_size()} torch.distributed processes, but accelerate found no GPU "
-                f"and set up each of them as if it were alone ({type(args).__name__}.world_size is "
-                f"{getattr(args, 'world_size', 1)}, process_index 0 on every rank), so every process would write every "
-                "checkpoint file into the same folder at once (a read of one while another rewrites it fails one "
-                "process and leaves the others waiting in DeepSpeed's next barrier). Use "
-                "hf_freeze.FreezeTrainingArguments (or a subclass): its should_save lets only torch.distributed rank 0 "
-                "write. Or run DeepSpeed on GPUs, or drop DeepSpeed (use_cpu=True runs DDP over gloo).")
         if schedule:
             raise FreezePolicyError(
                 f"DeepSpeed ignores tensors unfrozen after deepspeed.initialize, so the unfreeze schedule {schedule} "
@@ -295,6 +289,36 @@ def check_backend(args, policy, model=None, *, backend: Backend | None = None) -
     if model is not None and getattr(policy, "verify", True):
         _check_verifiable(model, backend)
     return backend
+
+
+def _check_every_process_alone(args, plain_trainer: bool) -> None:
+    """DeepSpeed over N processes the Trainer each runs as if alone (:func:`every_process_runs_alone`): what works
+    is saving from rank 0 (FreezeTrainingArguments + FreezeTrainer); refused up front, each with the reason: every
+    process writing every checkpoint file, and evaluation during training."""
+    where = (f"DeepSpeed runs over {dist.get_world_size()} torch.distributed processes, but accelerate found no GPU "
+             f"and set up each of them as if it were alone ({type(args).__name__}.world_size is "
+             f"{getattr(args, 'world_size', 1)}, process_index 0 on every rank)")
+    if not getattr(type(args), "saves_from_one_process", False):
+        raise FreezePolicyError(
+            f"{where}, so every process would write every checkpoint file into the same folder at once (a read of one "
+            "while another rewrites it fails one process and leaves the others waiting in DeepSpeed's next barrier). "
+            "Use hf_freeze.FreezeTrainingArguments (or a subclass): its should_save lets only torch.distributed rank 0 "
+            "write. Or run DeepSpeed on GPUs, or drop DeepSpeed (use_cpu=True runs DDP over gloo).")
+    if plain_trainer and _strategy(args, "save_strategy") != "no":
+        raise FreezePolicyError(
+            f"{where}, so a plain transformers.Trainer writes each checkpoint's rng_state.pth from every process at "
+            "once. Use hf_freeze.FreezeTrainer (it writes it from torch.distributed rank 0), or save_strategy='no'.")
+    if _strategy(args, "eval_strategy") != "no":
+        raise FreezePolicyError(
+            f"{where}: evaluation during training (eval_strategy={_strategy(args, 'eval_strategy')!r}, which "
+            "load_best_model_at_end needs) gathers predictions for 1 process while gloo has "
+            f"{dist.get_world_size()}, and fails at the first evaluation. Set eval_strategy='no' and evaluate in one "
+            "process after training, or run DeepSpeed on GPUs, or drop DeepSpeed (use_cpu=True runs DDP over gloo).")
+
+
+def _strategy(args, name: str) -> str:
+    value = getattr(args, name, "no")
+    return str(getattr(value, "value", value) or "no")
 
 
 def _low_precision_later(model, policy) -> list[str]:

@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -232,6 +233,14 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
             apply_delta_restoring_base(self.model if model is None else model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def is_world_process_zero(self) -> bool:
+        # where every process counts as alone (DeepSpeed without GPUs): torch.distributed rank 0 (model card, push, logs)
+        return super().is_world_process_zero() and (not every_process_runs_alone(self.args) or dist.get_rank() == 0)
+
+    def is_local_process_zero(self) -> bool:
+        return super().is_local_process_zero() and (not every_process_runs_alone(self.args)
+                                                     or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0)
 
     def _save_rng_state(self, output_dir):
         # where every process counts as alone (DeepSpeed without GPUs) each would write the same rng_state.pth

@@ -125,25 +125,26 @@ def test_killed_rank_mid_zero_save_then_resume_true_skips_the_checkpoint_and_equ
         assert any("checkpoint-2" in w and "incomplete" in w for w in v["warnings"])
 
 
-# ---------------------------------------------------------------- what broke
-@pytest.mark.xfail(strict=True, reason="BUG: a plain Trainer + FreezeCallback + FreezeTrainingArguments writes "
-                                       "rng_state.pth from every rank (only FreezeTrainer overrides _save_rng_state)")
+# ---------------------------------------------------------------- what broke (fixed; the xfail marks are gone)
 def test_plain_trainer_with_freeze_callback_and_freeze_training_arguments_writes_from_rank_0_only(runs):
+    """Was a bug: the plain Trainer wrote each checkpoint's rng_state.pth from both ranks (FreezeTrainer alone
+    overrides _save_rng_state). Now refused when the Trainer is built, naming FreezeTrainer; nothing written."""
     for b in part(runs, "b"):
-        assert b["frozen_changed"] == [] and "checkpoint-2/trainer_state.json" in b["files"]
+        assert b["frozen_changed"] == []
+        if "refusal" in b:
+            assert "rng_state.pth" in b["refusal"] and "FreezeTrainer" in b["refusal"] and b["untouched"]
+            assert not any("checkpoint-" in f for f in b["files"])
+        else:
+            assert "checkpoint-2/trainer_state.json" in b["files"]
     assert rank1_writes(runs, "b") == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the model card is written by every rank (create_model_card checks "
-                                       "is_world_process_zero(), True on both ranks here)")
 def test_model_card_is_written_by_rank_0_only(runs):
     h0, _ = part(runs, "h")
     assert "README.md" in h0["files"]
     assert rank1_writes(runs, "h") == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluation during training is accepted, then crashes after the first "
-                                       "optimizer step inside accelerate's gather (gloo: expected length 2, got 1)")
 def test_evaluation_during_training_works_or_is_refused_before_training(runs):
     """eval_strategy='steps' (what load_best_model_at_end needs) under DeepSpeed without GPUs: accelerate gathers the
     eval outputs for 1 process while torch.distributed has 2. The promise: it works, or it is refused up front
@@ -152,12 +153,9 @@ def test_evaluation_during_training_works_or_is_refused_before_training(runs):
         status, value = g["train"]
         assert status in ("ok", "FreezePolicyError"), (status, value)
         if status == "FreezePolicyError":
-            assert g["step_reached"] is None
+            assert g["step_reached"] is None and "eval_strategy='steps'" in value and "load_best_model_at_end" in value
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a ZeRO checkpoint lacking the LAST rank's optimizer states counts as "
-                                       "complete; resume_from_checkpoint=True then fails on that rank alone "
-                                       "(FileNotFoundError) instead of resuming from the older checkpoint")
 def test_resume_true_skips_a_checkpoint_that_lacks_the_last_ranks_zero_states(runs):
     """checkpoint-2 of a 2-process ZeRO-2 run without global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt (lost,
     or never written): 'complete when latest names a global_stepN/ with readable model states and every rank's ZeRO
@@ -169,8 +167,6 @@ def test_resume_true_skips_a_checkpoint_that_lacks_the_last_ranks_zero_states(ru
         assert f["problem"] is not None and f["diff"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint_problem accepts a ZeRO checkpoint without the last rank's "
-                                       "optimizer states (ranks are only checked to be 0..max present)")
 def test_checkpoint_problem_names_the_missing_last_rank(runs, tmp_path):
     """One process, on a real 2-process ZeRO-2 checkpoint (its model states record dp_world_size 2)."""
     from hf_freeze.checkpoints import checkpoint_problem, last_complete_checkpoint

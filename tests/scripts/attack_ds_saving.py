@@ -178,8 +178,13 @@ def run_g():
 def run_b():
     model = tiny_model("resnet", seed=1)
     base = snapshot(model)
-    trainer = Trainer(model=model, train_dataset=data, callbacks=[hf_freeze.FreezeCallback("backbone")],
-                      args=args(out / "b", max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1))
+    try:
+        trainer = Trainer(model=model, train_dataset=data, callbacks=[hf_freeze.FreezeCallback("backbone")],
+                          args=args(out / "b", max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1))
+    except hf_freeze.FreezePolicyError as e:  # refused up front (the Trainer would write rng_state.pth everywhere)
+        return {"refusal": str(e), "frozen_changed": [n for n, t in snapshot(model).items() if not torch.equal(t, base[n])],
+                "untouched": hf_freeze.get_state(model) is None and all(p.requires_grad for p in model.parameters()),
+                "files": listing(out / "b" / "out") if (out / "b" / "out").exists() else []}
     trainer.train()
     dist.barrier()
     return {"files": listing(out / "b" / "out"), "frozen_changed": frozen_changed(model, base)}
