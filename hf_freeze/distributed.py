@@ -34,7 +34,10 @@ DeepSpeed on only where they really run, e.g. ``fsdp=...`` on CPU falls back to 
   checkpoint file into the same folder at once (a file read by one process while another rewrote it failed that
   process's save, and the other then waited forever in DeepSpeed's next barrier). ``FreezeTrainingArguments.should_save``
   lets only ``torch.distributed`` rank 0 (the node's local rank 0 with ``save_on_each_node``) write
-  (:func:`every_process_runs_alone`); other ``TrainingArguments`` classes are refused in that set-up.
+  (:func:`every_process_runs_alone`); other ``TrainingArguments`` classes are refused in that set-up, and so are a
+  plain ``Trainer`` + ``FreezeCallback`` that saves checkpoints (``rng_state.pth`` from every process; FreezeTrainer
+  writes it from rank 0) and evaluation during training (accelerate gathers for one process: gloo fails). In 2
+  processes: ``tests/test_attack_deepspeed_saving.py``.
 * Tensors on the meta device (weights offloaded by ``device_map``) are refused when verification is on.
 """
 
@@ -88,9 +91,12 @@ def saves_on_this_process(args) -> bool:
     """Whether this process writes checkpoint files when :func:`every_process_runs_alone`: ``torch.distributed``
     rank 0, or each node's local rank 0 with ``save_on_each_node`` (what ``should_save`` gives where accelerate
     counts the processes)."""
-    if getattr(args, "save_on_each_node", False):
-        return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    return dist.get_rank() == 0
+    return local_rank() == 0 if getattr(args, "save_on_each_node", False) else dist.get_rank() == 0
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``; the global rank without it)."""
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank()))
 
 
 def _accelerator_state():
@@ -194,7 +200,8 @@ def effective_backend(args=None, model=None, state=None) -> Backend:
                        cpu_ram_efficient_loading=bool(getattr(fsdp, "cpu_ram_efficient_loading", False)),
                        activation_checkpointing=ckpt, mixed_precision=precision)
     if ds is not None:
-        return Backend("deepspeed", world, every_process_alone=every_process_runs_alone(args), zero_stage=int(getattr(ds, "zero_stage", 0) or 0),
+        return Backend("deepspeed", world, every_process_alone=every_process_runs_alone(args),
+                       zero_stage=int(getattr(ds, "zero_stage", 0) or 0),
                        deepspeed_dtype=_deepspeed_dtype(ds, model),
                        deepspeed_cast_buffers=_deepspeed_cast_buffers(ds, model),
                        deepspeed_own=tuple(k for k in ("optimizer", "scheduler")

@@ -22,7 +22,7 @@ from .callback import FreezeCallback
 from .checkpoints import check_resume_policy, last_complete_checkpoint, resume_fingerprint
 from .checks import schedule_problems
 from .delta import apply_delta_restoring_base, save_adapter_base, save_delta
-from .distributed import check_model_data, every_process_runs_alone, saves_on_this_process
+from .distributed import check_model_data, every_process_runs_alone, local_rank, saves_on_this_process
 from .errors import FreezePolicyError
 from .folder import (
     ADAPTER_BASE,
@@ -239,8 +239,7 @@ class FreezeTrainerMixin(PrefixCacheTrainerMixin):
         return super().is_world_process_zero() and (not every_process_runs_alone(self.args) or dist.get_rank() == 0)
 
     def is_local_process_zero(self) -> bool:
-        return super().is_local_process_zero() and (not every_process_runs_alone(self.args)
-                                                     or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0)
+        return super().is_local_process_zero() and (not every_process_runs_alone(self.args) or local_rank() == 0)
 
     def _save_rng_state(self, output_dir):
         # where every process counts as alone (DeepSpeed without GPUs) each would write the same rng_state.pth
