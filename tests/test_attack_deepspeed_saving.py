@@ -97,16 +97,13 @@ def test_resume_by_path_and_by_true_from_delta_equals_the_uninterrupted_run_exac
     assert rank1_writes(runs, "e") == []
 
 
-def test_two_processes_train_like_one_process_with_the_same_per_device_batch(runs):
+def test_two_processes_train_like_one_process_with_the_same_per_device_batch(runs, tmp_path):
     """Each rank sees the whole dataset (world_size 1), the engine averages two equal gradients: the 2-process ZeRO-2
     run must match a single-process run (no DeepSpeed) with the same per-device batch; frozen tensors exactly."""
     model = tiny_model("resnet", seed=1)
     base = snapshot(model)
-    import tempfile
-    from pathlib import Path
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_freeze.FreezeTrainer(model=model, train_dataset=TinyImages(n=16, seed=3), freeze_policy="backbone",
-                                args=training_args(Path(tmp), max_steps=3, per_device_train_batch_size=4)).train()
+    hf_freeze.FreezeTrainer(model=model, train_dataset=TinyImages(n=16, seed=3), freeze_policy="backbone",
+                            args=training_args(tmp_path, max_steps=3, per_device_train_batch_size=4)).train()
     single = snapshot(model)
     ds = part(runs, "e")[0]["uninterrupted"]
     frozen = hf_freeze.get_state(model).frozen
