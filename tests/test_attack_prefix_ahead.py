@@ -9,7 +9,7 @@ import errno
 
 import pytest
 import torch
-from helpers import TinyImages, identical, snapshot, tiny_model, training_args
+from helpers import TinyImages, differing, identical, snapshot, tiny_model, training_args
 from transformers import TrainerCallback
 
 from hf_freeze import FreezePolicyError, FreezeTrainer
@@ -20,9 +20,7 @@ from hf_freeze import prefix_cache as pc
 TWO = "freeze=backbone;unfreeze=epoch1:1,epoch2:1"
 
 
-@pytest.fixture(autouse=True)
-def fresh_memory(fresh_caches):  # tests/conftest.py
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py: every test starts with empty caches
 
 
 def resnet():
@@ -37,11 +35,6 @@ def run(tmp_path, mode, model, policy, *, dataset=None, name=None, resume=None, 
                             freeze_policy=policy, feature_cache=mode, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, snapshot(trainer.model)
-
-
-def differing(a, b):
-    assert sorted(a) == sorted(b)
-    return [n for n in a if not identical(a[n], b[n])]
 
 
 def sources(trainer):

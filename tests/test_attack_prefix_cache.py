@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from helpers import StopAt, TinyImages, identical, snapshot, tiny_model, training_args
+from helpers import StopAt, TinyImages, differing, snapshot, tiny_model, training_args
 from helpers import tiny_vit as vit
 from torch import nn
 
@@ -21,9 +21,7 @@ from hf_freeze import prefix_cache as pc
 GRADUAL = "freeze=backbone;unfreeze=epoch1:1,epoch2:1,epoch3:1"
 
 
-@pytest.fixture(autouse=True)
-def fresh_memory(fresh_caches):  # tests/conftest.py
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py: every test starts with empty caches
 
 
 def resnet():
@@ -38,11 +36,6 @@ def run(tmp_path, mode, model, policy, *, dataset=None, name=None, resume=None, 
                             eval_dataset=eval_dataset, freeze_policy=policy, feature_cache=mode, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, snapshot(trainer.model)
-
-
-def differing(a, b):
-    assert sorted(a) == sorted(b)
-    return [n for n in a if not identical(a[n], b[n])]
 
 
 def served(trainer):

@@ -19,9 +19,7 @@ from hf_freeze import feature_cache as fc
 UNFREEZE = "freeze=backbone;unfreeze=epoch1:1"  # head only for epoch 0, then stage.1 trains too
 
 
-@pytest.fixture(autouse=True)
-def fresh_memory(fresh_caches):  # tests/conftest.py
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py: every test starts with empty caches
 
 
 def train(tmp_path, mode, model=None, policy="backbone", dataset=None, trainer_cls=FreezeTrainer, name=None,

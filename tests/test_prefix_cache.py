@@ -21,9 +21,7 @@ STATIC = "freeze=stem:stage.0"  # stage.1 (and the rest) train from the start
 GRADUAL = "freeze=backbone;unfreeze=epoch1:1,epoch2:1,epoch3:1"
 
 
-@pytest.fixture(autouse=True)
-def fresh_memory(fresh_caches):  # tests/conftest.py
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py: every test starts with empty caches
 
 
 def train(tmp_path, mode, model=None, policy=STATIC, dataset=None, name=None, resume=None, callbacks=None, **args):
